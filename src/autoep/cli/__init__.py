@@ -1,0 +1,1 @@
+"""The ``autoep`` command line."""

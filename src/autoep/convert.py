@@ -1,0 +1,256 @@
+"""`autoep.convert`: replace every HF MoE block of a model by an expert-parallel layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autoep.errors import AlreadyConvertedError, ConfigError, UnsupportedModelError
+from autoep.models import adapter_for, registered_families
+from autoep.models.base import FamilyAdapter
+from autoep.moe.experts import GemmBackend
+from autoep.moe.layer import MoELayer
+from autoep.moe.spec import MoESpec
+from autoep.parallel.groups import build_expert_mesh
+
+_EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One converted MoE layer, as seen from this rank."""
+
+    path: str
+    family: str
+    num_experts: int
+    top_k: int
+    scoring: str
+    shared_experts: bool
+    expert_start: int
+    expert_end: int
+    params_per_rank: int
+
+    @property
+    def local_experts(self) -> str:
+        return f"{self.expert_start}-{self.expert_end - 1}"
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: the converted layers and the layout on this rank."""
+
+    ep_size: int
+    ep_rank: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def families(self) -> list[str]:
+        return sorted({layer.family for layer in self.layers})
+
+    @property
+    def total_params_per_rank(self) -> int:
+        return sum(layer.params_per_rank for layer in self.layers)
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """Table rows (also used by the CLI), one per converted layer."""
+        return [
+            (
+                layer.path,
+                layer.family,
+                str(layer.num_experts),
+                str(layer.top_k),
+                layer.scoring,
+                "yes" if layer.shared_experts else "no",
+                layer.local_experts,
+                f"{layer.params_per_rank:,}",
+            )
+            for layer in self.layers
+        ]
+
+    HEADERS = ("layer", "family", "experts", "top-k", "scoring", "shared", "local experts", "params/rank")
+
+    def __str__(self) -> str:
+        rows = [self.HEADERS, *self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self.HEADERS))]
+        lines = [f"autoep: {len(self.layers)} MoE layers converted, ep={self.ep_size} (rank {self.ep_rank})"]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        return "\n".join(lines)
+
+
+def supported_families() -> list[str]:
+    """Names of the model families autoep recognises (built-in and registered)."""
+    return sorted(registered_families())
+
+
+def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, FamilyAdapter]]:
+    """Every MoE block of ``model`` that a family adapter recognises, in module order."""
+    found = []
+    for path, module in model.named_modules():
+        adapter = adapter_for(module)
+        if adapter is not None:
+            found.append((path, module, adapter))
+    return found
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def _unsupported_message(model: nn.Module) -> str:
+    suspects = sorted(
+        {type(m).__name__ for _, m in model.named_modules() if hasattr(m, "experts") or "moe" in type(m).__name__.lower()}
+    )
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    hint = f" Blocks that look like MoE but match no adapter: {', '.join(suspects)}." if suspects else ""
+    return (
+        f"autoep found no MoE block it knows in this {model_type!r} model.{hint} "
+        f"Supported families: {', '.join(supported_families())}. "
+        "To convert a custom block, describe it with autoep.register_family(autoep.FamilyAdapter(name=..., "
+        "block_classes=('YourMoeBlock',), router_config=...)); see docs/adding-a-family.md."
+    )
+
+
+def _valid_ep_sizes(num_experts: int, world: int) -> list[int]:
+    return [n for n in range(1, num_experts + 1) if num_experts % n == 0 and world % n == 0]
+
+
+def validate_conversion(
+    model: nn.Module, ep_size: int, world_size: int, ep_group: dist.ProcessGroup | None = None
+) -> list[tuple[str, nn.Module, MoESpec]]:
+    """All the checks :func:`convert` makes, using only rank-local facts.
+
+    Every rank reaches the same verdict without communicating, so a bad
+    request raises the same clear error everywhere instead of hanging a
+    collective.
+    """
+    if any(isinstance(m, MoELayer) for m in model.modules()):
+        raise AlreadyConvertedError(
+            "this model is already converted by autoep (it contains MoELayer modules); "
+            "build or load a fresh model to convert it again with another ep_size"
+        )
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+        raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
+    if world_size % ep_size:
+        raise ConfigError(
+            f"ep_size={ep_size} does not divide the world size {world_size}; "
+            f"choose an ep_size among the divisors of {world_size}: "
+            f"{[n for n in range(1, world_size + 1) if world_size % n == 0]}"
+        )
+    if ep_group is not None and dist.get_world_size(ep_group) != ep_size:
+        raise ConfigError(f"ep_group has {dist.get_world_size(ep_group)} ranks but ep_size={ep_size}")
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise UnsupportedModelError(_unsupported_message(model))
+    config = _text_config(model)
+    described = [(path, block, adapter.describe(block, config)) for path, block, adapter in blocks]
+    for path, _, spec in described:
+        if spec.num_experts % ep_size:
+            raise ConfigError(
+                f"ep_size={ep_size} does not divide the {spec.num_experts} routed experts of {path}; "
+                f"ep sizes that divide both the experts and the world size {world_size}: "
+                f"{_valid_ep_sizes(spec.num_experts, world_size)}"
+            )
+    return described
+
+
+def _layer_report(path: str, spec: MoESpec, block: nn.Module, ep_size: int, ep_rank: int) -> LayerReport:
+    """The report row of one layer at a given layout, computed from shapes alone."""
+    local = spec.num_experts // ep_size
+    expert_params = sum(
+        t[0].numel() for t in (getattr(block.experts, n, None) for n in _EXPERT_TENSORS) if t is not None
+    )
+    dense = [getattr(block, a) for a in (spec.router_attr, spec.shared_attr, spec.shared_gate_attr) if a]
+    dense_params = sum(p.numel() for module in dense for p in module.parameters())
+    return LayerReport(
+        path=path,
+        family=spec.family,
+        num_experts=spec.num_experts,
+        top_k=spec.router.top_k,
+        scoring=spec.scoring_name,
+        shared_experts=spec.shared_attr is not None,
+        expert_start=ep_rank * local,
+        expert_end=(ep_rank + 1) * local,
+        params_per_rank=local * expert_params + dense_params,
+    )
+
+
+def plan_conversion(model: nn.Module, ep_size: int = 1, *, world_size: int | None = None) -> ConversionReport:
+    """What :func:`convert` would do at ``ep_size`` (EP rank 0's view), without changing ``model``.
+
+    Works on a model built on the meta device, so it can describe models far
+    larger than this machine's memory.
+    """
+    world_size = ep_size if world_size is None else world_size
+    described = validate_conversion(model, ep_size, world_size)
+    report = ConversionReport(ep_size=ep_size, ep_rank=0)
+    report.layers = [_layer_report(path, spec, block, ep_size, 0) for path, block, spec in described]
+    return report
+
+
+@torch.no_grad()
+def _build_layer(
+    spec: MoESpec, block: nn.Module, ep_group: dist.ProcessGroup | None, backend: GemmBackend
+) -> MoELayer:
+    shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
+    shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
+    act_fn = getattr(block.experts, "act_fn", None)
+    source_router = getattr(block, spec.router_attr)
+    device = source_router.weight.device
+    with torch.device(device):
+        layer = MoELayer(
+            spec, ep_group=ep_group, shared=shared, shared_gate=shared_gate, act_fn=act_fn, backend=backend
+        )
+    layer.to(dtype=block.experts.gate_up_proj.dtype)
+    start, end = layer.expert_start, layer.expert_end
+    for name in _EXPERT_TENSORS:
+        source = getattr(block.experts, name, None)
+        if source is not None:
+            getattr(layer.experts, name).copy_(source[start:end])
+    router = layer.router_module
+    router.weight.copy_(source_router.weight)
+    if router.bias is not None:
+        router.bias.copy_(source_router.bias)
+    if router.e_score_correction_bias is not None:
+        router.e_score_correction_bias.copy_(source_router.e_score_correction_bias)
+    layer.train(block.training)
+    return layer
+
+
+def convert(
+    model: nn.Module,
+    ep_size: int = 1,
+    *,
+    ep_group: dist.ProcessGroup | None = None,
+    backend: GemmBackend = "auto",
+) -> ConversionReport:
+    """Replace every MoE block of ``model`` in place by an expert-parallel :class:`MoELayer`.
+
+    With ``ep_size > 1`` the default process group must be initialised; each
+    rank keeps experts ``[r * E / ep, (r + 1) * E / ep)`` of every layer, where
+    ``r`` is its rank in ``ep_group`` (by default, blocks of ``ep_size``
+    consecutive ranks). The converted model computes what the original
+    computes; state-dict keys are unchanged, expert tensors hold the local slice.
+    """
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if ep_size > 1 and world_size == 1 and ep_group is None:
+        raise ConfigError(
+            f"ep_size={ep_size} needs torch.distributed: initialise a process group of at least "
+            f"{ep_size} ranks first (or launch with torchrun / `autoep train`)"
+        )
+    described = validate_conversion(model, ep_size, world_size, ep_group)
+    if ep_size > 1 and ep_group is None:
+        ep_group = build_expert_mesh(ep_size)["ep"].get_group()
+    group = ep_group if ep_size > 1 else None
+    report = ConversionReport(ep_size=ep_size, ep_rank=dist.get_rank(group) if group is not None else 0)
+    for path, block, spec in described:
+        layer = _build_layer(spec, block, group, backend)
+        parent_path, _, child = path.rpartition(".")
+        model.get_submodule(parent_path).register_module(child, layer)
+        report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))
+    return report

@@ -1,0 +1,105 @@
+"""Adapters for the Hugging Face MoE families autoep supports out of the box.
+
+Each reads its routing rule from the model's own config, mirroring the
+family's router code in transformers 5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autoep.models.base import FamilyAdapter, register_family
+from autoep.moe.experts import ExpertLayout
+from autoep.moe.router import RouterConfig
+
+
+def _softmax_router(always_normalise: bool = False):
+    def build(config: Any, num_experts: int) -> RouterConfig:
+        return RouterConfig(
+            num_experts=num_experts,
+            top_k=config.num_experts_per_tok,
+            scoring="softmax",
+            norm_topk_prob=always_normalise or bool(getattr(config, "norm_topk_prob", False)),
+        )
+
+    return build
+
+
+def _deepseek_v2_router(config: Any, num_experts: int) -> RouterConfig:
+    group_limited = getattr(config, "topk_method", "greedy") == "group_limited_greedy"
+    return RouterConfig(
+        num_experts=num_experts,
+        top_k=config.num_experts_per_tok,
+        scoring="softmax",
+        n_group=config.n_group if group_limited else 1,
+        topk_group=config.topk_group if group_limited else 1,
+        group_score="max",
+        routed_scaling_factor=float(config.routed_scaling_factor),
+    )
+
+
+def _sigmoid_grouped_router(config: Any, num_experts: int) -> RouterConfig:
+    """DeepSeek-V3 / Moonlight / Kimi-K2 / GLM-4-MoE: sigmoid, bias for choice, top-2-sum groups."""
+    n_group = config.n_group or 1
+    return RouterConfig(
+        num_experts=num_experts,
+        top_k=config.num_experts_per_tok,
+        scoring=getattr(config, "scoring_func", "sigmoid") or "sigmoid",
+        norm_topk_prob=bool(config.norm_topk_prob),
+        n_group=n_group,
+        topk_group=config.topk_group or n_group,
+        group_score="top2_sum",
+        use_correction_bias=True,
+        routed_scaling_factor=float(config.routed_scaling_factor),
+        norm_eps=1e-20,
+    )
+
+
+def _gpt_oss_router(config: Any, num_experts: int) -> RouterConfig:
+    return RouterConfig(
+        num_experts=num_experts, top_k=config.num_experts_per_tok, scoring="topk_softmax", router_bias=True
+    )
+
+
+def _gpt_oss_layout(experts: Any, config: Any) -> ExpertLayout:
+    return ExpertLayout("gpt_oss", alpha=float(experts.alpha), limit=float(experts.limit))
+
+
+BUILTIN_FAMILIES = (
+    FamilyAdapter("mixtral", ("MixtralSparseMoeBlock",), _softmax_router(always_normalise=True), ("mixtral",)),
+    FamilyAdapter(
+        "qwen2_moe",
+        ("Qwen2MoeSparseMoeBlock",),
+        _softmax_router(),
+        ("qwen2_moe",),
+        shared_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+    ),
+    FamilyAdapter("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _softmax_router(), ("qwen3_moe",)),
+    FamilyAdapter(
+        "deepseek_v2", ("DeepseekV2Moe",), _deepseek_v2_router, ("deepseek_v2",), shared_attr="shared_experts"
+    ),
+    FamilyAdapter(
+        "deepseek_v3",
+        ("DeepseekV3MoE",),
+        _sigmoid_grouped_router,
+        ("deepseek_v3", "kimi_k2"),
+        shared_attr="shared_experts",
+    ),
+    FamilyAdapter("olmoe", ("OlmoeSparseMoeBlock",), _softmax_router(), ("olmoe",)),
+    FamilyAdapter(
+        "gpt_oss",
+        ("GptOssMLP",),
+        _gpt_oss_router,
+        ("gpt_oss",),
+        router_attr="router",
+        returns_router_scores=True,
+        layout=_gpt_oss_layout,
+    ),
+    FamilyAdapter(
+        "glm4_moe", ("Glm4MoeMoE",), _sigmoid_grouped_router, ("glm4_moe",), shared_attr="shared_experts"
+    ),
+)
+
+for _adapter in BUILTIN_FAMILIES:
+    register_family(_adapter)

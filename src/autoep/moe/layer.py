@@ -1,0 +1,116 @@
+"""The expert-parallel MoE layer that replaces a Hugging Face MoE block."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
+from autoep.moe.experts import GemmBackend, GroupedExperts
+from autoep.moe.router import TopKRouter
+from autoep.moe.spec import MoESpec
+
+
+class MoELayer(nn.Module):
+    """Router → dispatch → grouped experts → combine (+ shared experts).
+
+    Holds the experts ``[expert_start, expert_end)`` of ``spec.num_experts``;
+    with ``ep_group`` of size > 1 tokens travel to their experts' owners by
+    all-to-all. Child modules are registered under the original block's names
+    (``gate``/``router``, ``experts``, ``shared_experts``...), so the state dict
+    keys of a converted model equal the original's.
+    """
+
+    def __init__(
+        self,
+        spec: MoESpec,
+        *,
+        ep_group: dist.ProcessGroup | None = None,
+        shared: nn.Module | None = None,
+        shared_gate: nn.Module | None = None,
+        act_fn: nn.Module | None = None,
+        backend: GemmBackend = "auto",
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
+        ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
+        self.ep_size, self.ep_rank = ep_size, ep_rank
+        self.num_local_experts = spec.num_experts // ep_size
+        self.expert_start = ep_rank * self.num_local_experts
+        self.expert_end = self.expert_start + self.num_local_experts
+        self._router_attr = spec.router_attr
+        self.add_module(spec.router_attr, TopKRouter(spec.router, spec.hidden_size))
+        self.experts = GroupedExperts(
+            self.num_local_experts, spec.hidden_size, spec.intermediate_size, spec.layout, act_fn, backend
+        )
+        self._shared_attr = spec.shared_attr
+        self._shared_gate_attr = spec.shared_gate_attr
+        if spec.shared_attr is not None:
+            self.add_module(spec.shared_attr, shared)
+        if spec.shared_gate_attr is not None:
+            self.add_module(spec.shared_gate_attr, shared_gate)
+        if ep_size > 1:
+            self.dispatcher: LocalDispatcher | AllToAllDispatcher = AllToAllDispatcher(
+                self.num_local_experts, ep_group
+            )
+        else:
+            self.dispatcher = LocalDispatcher(self.num_local_experts)
+
+    # Accessors under fixed names: the children themselves carry the family's names.
+    @property
+    def router_module(self) -> TopKRouter:
+        return self._modules[self._router_attr]
+
+    @property
+    def shared_module(self) -> nn.Module | None:
+        return None if self._shared_attr is None else self._modules[self._shared_attr]
+
+    @property
+    def shared_gate_module(self) -> nn.Module | None:
+        return None if self._shared_gate_attr is None else self._modules[self._shared_gate_attr]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        shape = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, shape[-1])
+        if self.training and self.spec.jitter_noise > 0:
+            noise = self.spec.jitter_noise
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - noise, 1.0 + noise)
+        routed = self.router_module(x_TD)
+        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, routed.weights_TK, routed.indices_TK)
+        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK)
+        out_TD = self.dispatcher.combine(y_ND, state)
+        shared = self.shared_module
+        if shared is not None:
+            shared_TD = shared(x_TD)
+            gate = self.shared_gate_module
+            if gate is not None:
+                shared_TD = torch.sigmoid(gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
+        out = out_TD.reshape(shape)
+        if self.spec.returns_router_scores:
+            return out, routed.weights_TK.to(hidden_states.dtype)
+        return out
+
+    def _apply_local_experts(
+        self, x_ND: torch.Tensor, local_NK: torch.Tensor, weights_NK: torch.Tensor
+    ) -> torch.Tensor:
+        """Run each (row, choice) on its local expert and sum the weighted results per row."""
+        E_local = self.num_local_experts
+        with torch.no_grad():
+            row_A, slot_A = (local_NK < E_local).nonzero(as_tuple=True)
+            expert_A = local_NK[row_A, slot_A]
+            order_A = torch.argsort(expert_A, stable=True)
+            row_A, slot_A, expert_A = row_A[order_A], slot_A[order_A], expert_A[order_A]
+            counts_E = torch.bincount(expert_A, minlength=E_local)
+        counts_list = counts_E.tolist() if self.experts.uses_loop(x_ND) else None
+        y_AD = self.experts(x_ND[row_A], counts_E, counts_list)
+        weighted_AD = (y_AD * weights_NK[row_A, slot_A].unsqueeze(-1)).to(x_ND.dtype)
+        return x_ND.new_zeros(x_ND.shape).index_add(0, row_A, weighted_AD)
+
+    def extra_repr(self) -> str:
+        return (
+            f"family={self.spec.family}, experts={self.expert_start}..{self.expert_end - 1} "
+            f"of {self.spec.num_experts}, top_k={self.spec.router.top_k}, ep={self.ep_rank}/{self.ep_size}"
+        )
