@@ -75,11 +75,10 @@ def grouped_matmul(
     if counts_list is None:
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return torch._grouped_mm(x_AK, w_EKN, offs=offs_E)
+    # Empty experts still get their (0-row) matmul: the autograd graph, and so the
+    # collectives its backward issues, must not depend on how many rows arrived.
     chunks = torch.split(x_AK, counts_list, dim=0)
-    out = [chunk @ w_EKN[e] for e, chunk in enumerate(chunks) if counts_list[e]]
-    if not out:
-        return x_AK.new_zeros(0, w_EKN.shape[-1])
-    return torch.cat(out, dim=0)
+    return torch.cat([chunk @ w_EKN[e] for e, chunk in enumerate(chunks)], dim=0)
 
 
 class GroupedExperts(nn.Module):

@@ -57,6 +57,7 @@ class MoELayer(nn.Module):
             )
         else:
             self.dispatcher = LocalDispatcher(self.num_local_experts)
+        self.tokens_per_expert: torch.Tensor | None = None
 
     # Accessors under fixed names: the children themselves carry the family's names.
     @property
@@ -104,6 +105,7 @@ class MoELayer(nn.Module):
             order_A = torch.argsort(expert_A, stable=True)
             row_A, slot_A, expert_A = row_A[order_A], slot_A[order_A], expert_A[order_A]
             counts_E = torch.bincount(expert_A, minlength=E_local)
+        self.tokens_per_expert = counts_E  # routed (token, expert) pairs each local expert got, for load metrics
         counts_list = counts_E.tolist() if self.experts.uses_loop(x_ND) else None
         y_AD = self.experts(x_ND[row_A], counts_E, counts_list)
         weighted_AD = (y_AD * weights_NK[row_A, slot_A].unsqueeze(-1)).to(x_ND.dtype)

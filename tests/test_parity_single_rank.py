@@ -1,0 +1,67 @@
+"""ep = 1: a converted model computes exactly what the original computes, for every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autoep
+from autoep.moe import MoELayer
+from tests.conftest import ALL_FAMILIES, batch, model_pair
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_logits_and_every_gradient_match(name: str) -> None:
+    reference, converted = model_pair(name)
+    report = autoep.convert(converted)
+
+    assert len(report.layers) >= 2
+    assert sum(isinstance(m, MoELayer) for m in converted.modules()) == len(report.layers)
+    assert not any(isinstance(m, MoELayer) for m in reference.modules())
+    # State-dict keys and shapes are unchanged: experts stay in the HF-5 stacked layout.
+    ref_state, conv_state = reference.state_dict(), converted.state_dict()
+    assert ref_state.keys() == conv_state.keys()
+    assert all(ref_state[k].shape == conv_state[k].shape for k in ref_state)
+
+    ids = batch(reference.config.vocab_size, (2, 12), seed=1)
+    ref_out = reference(input_ids=ids, labels=ids)
+    conv_out = converted(input_ids=ids, labels=ids)
+    torch.testing.assert_close(conv_out.logits, ref_out.logits, atol=1e-5, rtol=0)
+    ref_out.loss.backward()
+    conv_out.loss.backward()
+
+    ref_params = dict(reference.named_parameters())
+    for key, param in converted.named_parameters():
+        ref_grad = ref_params[key].grad
+        assert (param.grad is None) == (ref_grad is None), key
+        if ref_grad is not None:
+            torch.testing.assert_close(param.grad, ref_grad, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_first_dense_layer_is_left_alone() -> None:
+    _, model = model_pair("tiny-deepseek-v3")
+    report = autoep.convert(model)
+    assert [layer.path for layer in report.layers] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert not isinstance(model.model.layers[0].mlp, MoELayer)
+
+
+def test_report_describes_each_layer() -> None:
+    _, model = model_pair("tiny-qwen2-moe")
+    report = autoep.convert(model)
+    layer = report.layers[0]
+    assert (layer.family, layer.num_experts, layer.top_k, layer.shared_experts) == ("qwen2_moe", 8, 2, True)
+    assert (layer.expert_start, layer.expert_end) == (0, 8)
+    assert layer.params_per_rank == sum(p.numel() for p in model.get_submodule(layer.path).parameters())
+    text = str(report)
+    assert "model.layers.1.mlp" in text and "qwen2_moe" in text
+    assert report.families == ["qwen2_moe"]
+
+
+def test_inference_mode_and_train_mode_agree() -> None:
+    reference, converted = model_pair("tiny-mixtral")
+    autoep.convert(converted)
+    reference.eval()
+    converted.eval()
+    ids = batch(reference.config.vocab_size, (1, 7), seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
