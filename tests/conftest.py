@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from autoep.models.tiny import build_tiny_model  # noqa: E402
+from autoep.models.tiny import build_tiny_model
 
 ALL_FAMILIES = [
     "tiny-mixtral",

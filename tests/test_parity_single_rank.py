@@ -10,10 +10,14 @@ from autoep.moe import MoELayer
 from tests.conftest import ALL_FAMILIES, batch, model_pair
 
 
+@pytest.mark.parametrize("backend", ["auto", "loop"])
 @pytest.mark.parametrize("name", ALL_FAMILIES)
-def test_logits_and_every_gradient_match(name: str) -> None:
+def test_logits_and_every_gradient_match(name: str, backend: str) -> None:
     reference, converted = model_pair(name)
-    report = autoep.convert(converted)
+    report = autoep.convert(converted, backend=backend)
+    layers = [m for m in converted.modules() if isinstance(m, MoELayer)]
+    # fp32 with 16-byte-aligned shapes: "auto" takes the grouped GEMM.
+    assert all(layer.experts.uses_loop(torch.zeros(1, 32)) == (backend == "loop") for layer in layers)
 
     assert len(report.layers) >= 2
     assert sum(isinstance(m, MoELayer) for m in converted.modules()) == len(report.layers)

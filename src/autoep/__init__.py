@@ -2,7 +2,7 @@
 
 from autoep.convert import ConversionReport, LayerReport, convert, find_moe_blocks, supported_families
 from autoep.errors import AlreadyConvertedError, AutoEPError, ConfigError, UnsupportedModelError
-from autoep.models import FamilyAdapter, register_family
+from autoep.models import FamilyAdapter, register_family, unregister_family
 from autoep.moe import MoELayer
 
 __version__ = "0.1.0"
@@ -21,4 +21,5 @@ __all__ = [
     "find_moe_blocks",
     "register_family",
     "supported_families",
+    "unregister_family",
 ]

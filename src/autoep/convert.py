@@ -104,7 +104,11 @@ def _text_config(model: nn.Module):
 
 def _unsupported_message(model: nn.Module) -> str:
     suspects = sorted(
-        {type(m).__name__ for _, m in model.named_modules() if hasattr(m, "experts") or "moe" in type(m).__name__.lower()}
+        {
+            type(m).__name__
+            for _, m in model.named_modules()
+            if hasattr(m, "experts") or "moe" in type(m).__name__.lower()
+        }
     )
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     hint = f" Blocks that look like MoE but match no adapter: {', '.join(suspects)}." if suspects else ""
@@ -194,9 +198,7 @@ def plan_conversion(model: nn.Module, ep_size: int = 1, *, world_size: int | Non
 
 
 @torch.no_grad()
-def _build_layer(
-    spec: MoESpec, block: nn.Module, ep_group: dist.ProcessGroup | None, backend: GemmBackend
-) -> MoELayer:
+def _build_layer(spec: MoESpec, block: nn.Module, ep_group: dist.ProcessGroup | None, backend: GemmBackend) -> MoELayer:
     shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
     act_fn = getattr(block.experts, "act_fn", None)

@@ -80,9 +80,11 @@ def _run_verify(args: argparse.Namespace) -> int:
     import torch
 
     from autoep.cli.render import print_table
-    from autoep.models.loading import load_config
+    from autoep.convert import plan_conversion
+    from autoep.models.loading import build_meta_model
 
-    load_config(args.model)  # fail fast, in this process, on a bad MODEL
+    # Fail fast, here and once, on a bad MODEL or --ep, before any worker starts.
+    plan_conversion(build_meta_model(args.model), args.ep)
     kwargs = dict(
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -91,8 +93,6 @@ def _run_verify(args: argparse.Namespace) -> int:
         atol=args.atol,
         rtol=args.rtol,
     )
-    if args.ep < 1:
-        raise AutoEPError(f"--ep must be >= 1, got {args.ep}")
     if args.ep == 1:
         report = _verify_worker(args.model, 1, kwargs)
     else:
@@ -112,7 +112,14 @@ def _run_verify(args: argparse.Namespace) -> int:
         )
         for c in report.layers
     ]
-    rows.append(("logits", f"{report.logits_diff:.2e}", "", "pass" if report.within(report.logits_diff, report.logits_scale) else "FAIL"))
+    rows.append(
+        (
+            "logits",
+            f"{report.logits_diff:.2e}",
+            "",
+            "pass" if report.within(report.logits_diff, report.logits_scale) else "FAIL",
+        )
+    )
     title = (
         f"autoep verify {args.model}: ep={args.ep}, {report.dtype}, tolerance {report.atol:g} + {report.rtol:g}·|ref|"
         + (" (worst over ranks)" if args.ep > 1 else "")

@@ -79,6 +79,11 @@ def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
+def unregister_family(name: str) -> None:
+    """Remove a registered adapter (a no-op for an unknown name)."""
+    _REGISTRY.pop(name, None)
+
+
 def registered_families() -> dict[str, FamilyAdapter]:
     return dict(_REGISTRY)
 

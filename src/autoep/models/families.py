@@ -96,9 +96,7 @@ BUILTIN_FAMILIES = (
         returns_router_scores=True,
         layout=_gpt_oss_layout,
     ),
-    FamilyAdapter(
-        "glm4_moe", ("Glm4MoeMoE",), _sigmoid_grouped_router, ("glm4_moe",), shared_attr="shared_experts"
-    ),
+    FamilyAdapter("glm4_moe", ("Glm4MoeMoE",), _sigmoid_grouped_router, ("glm4_moe",), shared_attr="shared_experts"),
 )
 
 for _adapter in BUILTIN_FAMILIES:

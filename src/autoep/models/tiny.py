@@ -27,7 +27,9 @@ _COMMON: dict[str, Any] = dict(
     pad_token_id=0,
 )
 
-_MLA: dict[str, Any] = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+_MLA: dict[str, Any] = dict(
+    num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8
+)
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": dict(model_type="mixtral", intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),

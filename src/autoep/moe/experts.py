@@ -6,8 +6,9 @@ original; on a rank they hold the local slice ``[E_local, ...]`` of the
 global ``[E, ...]`` tensors.
 
 Two GEMM backends compute ``y_A = x_A @ W[e(A)]`` for rows already grouped by
-expert: ``torch._grouped_mm`` (one kernel for all experts; bf16 on CPU and on
-CUDA sm90+) and a portable per-expert loop that works for any dtype/device.
+expert: the grouped GEMM (``torch.nn.functional.grouped_mm``, one kernel for
+all experts; fp32/bf16 on CPU, bf16 on CUDA sm80+) and a portable per-expert
+loop that works for any dtype, device and shape.
 """
 
 from __future__ import annotations
@@ -47,17 +48,40 @@ class ExpertLayout:
         return self.kind == "gpt_oss"
 
 
-def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor, hidden: int, intermediate: int) -> bool:
-    """Whether ``torch._grouped_mm`` can run these operands here (bf16, CPU or CUDA sm90+)."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+def _grouped_mm_op():
+    """The grouped-GEMM op of this torch: public ``F.grouped_mm`` (>= 2.10) or ``torch._grouped_mm``."""
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_supported(x: torch.Tensor, hidden: int, intermediate: int) -> bool:
+    """Whether the grouped GEMM can run on ``x``'s device and dtype with these expert shapes.
+
+    CPU: fp32 and bf16. CUDA: bf16 on sm80+ (sm90+ for the private op of older torch).
+    Every row stride must be a multiple of 16 bytes.
+    """
+    op = _grouped_mm_op()
+    if op is None:
         return False
-    if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device) < (9, 0):
-            return False
-    elif x.device.type != "cpu":
+    if (hidden * x.element_size()) % 16 or (intermediate * x.element_size()) % 16:
         return False
-    # Every row and column stride must be 16-byte aligned: multiples of 8 bf16 elements.
-    return hidden % 8 == 0 and intermediate % 8 == 0
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
+        needed = (8, 0) if hasattr(torch.nn.functional, "grouped_mm") else (9, 0)
+        return torch.cuda.get_device_capability(x.device) >= needed
+    return False
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a dense gradient: the grouped GEMM's backward rejects stride-0 grads."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def grouped_matmul(
@@ -74,7 +98,7 @@ def grouped_matmul(
     """
     if counts_list is None:
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        return torch._grouped_mm(x_AK, w_EKN, offs=offs_E)
+        return _ContiguousGrad.apply(_grouped_mm_op()(x_AK, w_EKN, offs=offs_E))
     # Empty experts still get their (0-row) matmul: the autograd graph, and so the
     # collectives its backward issues, must not depend on how many rows arrived.
     chunks = torch.split(x_AK, counts_list, dim=0)
@@ -124,7 +148,7 @@ class GroupedExperts(nn.Module):
         """Whether the portable per-expert loop (which needs host-side counts) runs for ``x``."""
         if self.backend != "auto":
             return self.backend == "loop"
-        return not grouped_mm_supported(x, self.gate_up_proj, self.hidden_size, self.intermediate_size)
+        return not grouped_mm_supported(x, self.hidden_size, self.intermediate_size)
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, counts_list: list[int] | None) -> torch.Tensor:
         """Apply expert ``e`` to its ``counts_E[e]`` consecutive rows of ``x_AD``.

@@ -1,0 +1,7 @@
+"""``python -m autoep`` is the ``autoep`` command."""
+
+import sys
+
+from autoep.cli.main import main
+
+sys.exit(main())
