@@ -18,6 +18,7 @@ import autoep
 from autoep.launch import run_local
 from autoep.models.tiny import build_tiny_model
 from autoep.moe import MoELayer
+from autoep.moe.experts import local_tensor
 
 TOL = 1e-5
 
@@ -61,8 +62,9 @@ def _compare(name: str, ep: int, *, shape=(2, 10), skew=False, overrides=None) -
             ref_grad = ref_params[key].grad.clone()
             dist.all_reduce(ref_grad, group=layer.dispatcher.group)
             expected = ref_grad[layer.expert_start : layer.expert_end]
-            assert param.shape == expected.shape
-            result["expert_grad"] = max(result["expert_grad"], (param.grad - expected).abs().max().item())
+            assert local_tensor(param).shape == expected.shape
+            diff = (local_tensor(param.grad) - expected).abs().max().item()
+            result["expert_grad"] = max(result["expert_grad"], diff)
     for key, param in converted.named_parameters():
         if key not in expert_keys and param.grad is not None:
             diff = (param.grad - ref_params[key].grad).abs().max().item()
@@ -93,9 +95,24 @@ def _zero_token_rank(name: str, ep: int) -> dict[str, float]:
     out["x_grad"] = (x_ref.grad - x_conv.grad).abs().max().item() if tokens else 0.0
     ref_grad = ref_block.experts.down_proj.grad.clone()
     dist.all_reduce(ref_grad, group=layer.dispatcher.group)
-    out["expert_grad"] = (layer.experts.down_proj.grad - ref_grad[layer.expert_start : layer.expert_end]).abs().max()
+    local_grad = local_tensor(layer.experts.down_proj.grad)
+    out["expert_grad"] = (local_grad - ref_grad[layer.expert_start : layer.expert_end]).abs().max()
     out["expert_grad"] = out["expert_grad"].item()
     return out
+
+
+def _global_state_dict(name: str, ep: int) -> dict[str, float]:
+    """Expert weights are DTensors of the global shape: the state dict looks like the original's."""
+    reference = build_tiny_model(name, seed=11)
+    converted = copy.deepcopy(reference)
+    autoep.convert(converted, ep)
+    ref_state, state = reference.state_dict(), converted.state_dict()
+    worst, same_shapes = 0.0, ref_state.keys() == state.keys()
+    for key, value in state.items():
+        full = value.full_tensor() if isinstance(value, torch.distributed.tensor.DTensor) else value
+        same_shapes &= full.shape == ref_state[key].shape
+        worst = max(worst, (full - ref_state[key]).abs().max().item())
+    return {"same_shapes": same_shapes, "max_diff": worst}
 
 
 def _world_worker(scenarios: list[tuple]) -> dict:
@@ -113,6 +130,7 @@ WORLD2 = [
     ("one-token", "_compare", ("tiny-deepseek-v3", 2), {"shape": (1, 1)}),
     ("skewed", "_compare", ("tiny-deepseek-v3", 2), {"skew": True}),
     ("zero-tokens", "_zero_token_rank", ("tiny-qwen3-moe", 2), {}),
+    ("global-state", "_global_state_dict", ("tiny-gpt-oss", 2), {}),
 ]
 
 WORLD4 = [
@@ -162,6 +180,11 @@ def test_skewed_routing_leaves_other_ranks_empty(world, label, request) -> None:
     results = request.getfixturevalue(world)
     for r in (per_rank[label] for per_rank in results.values()):
         assert (r["routed_here"] > 0) == (r["ep_rank"] == 0), r
+
+
+def test_expert_weights_are_global_dtensors(world2) -> None:
+    for per_rank in world2.values():
+        assert per_rank["global-state"] == {"same_shapes": True, "max_diff": 0.0}
 
 
 def test_rank_that_brings_zero_tokens(world2) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from autoep.errors import AlreadyConvertedError, ConfigError, UnsupportedModelError
 from autoep.models import adapter_for, registered_families
@@ -14,7 +16,7 @@ from autoep.models.base import FamilyAdapter
 from autoep.moe.experts import GemmBackend
 from autoep.moe.layer import MoELayer
 from autoep.moe.spec import MoESpec
-from autoep.parallel.groups import build_expert_mesh
+from autoep.parallel.groups import build_expert_mesh, mesh_device_type
 
 _EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 
@@ -125,7 +127,7 @@ def _valid_ep_sizes(num_experts: int, world: int) -> list[int]:
 
 
 def validate_conversion(
-    model: nn.Module, ep_size: int, world_size: int, ep_group: dist.ProcessGroup | None = None
+    model: nn.Module, ep_size: int, world_size: int, ep_group: dist.ProcessGroup | DeviceMesh | None = None
 ) -> list[tuple[str, nn.Module, MoESpec]]:
     """All the checks :func:`convert` makes, using only rank-local facts.
 
@@ -146,8 +148,10 @@ def validate_conversion(
             f"choose an ep_size among the divisors of {world_size}: "
             f"{[n for n in range(1, world_size + 1) if world_size % n == 0]}"
         )
-    if ep_group is not None and dist.get_world_size(ep_group) != ep_size:
-        raise ConfigError(f"ep_group has {dist.get_world_size(ep_group)} ranks but ep_size={ep_size}")
+    if ep_group is not None:
+        group_size = ep_group.size() if isinstance(ep_group, DeviceMesh) else dist.get_world_size(ep_group)
+        if group_size != ep_size:
+            raise ConfigError(f"ep_group has {group_size} ranks but ep_size={ep_size}")
     blocks = find_moe_blocks(model)
     if not blocks:
         raise UnsupportedModelError(_unsupported_message(model))
@@ -198,22 +202,26 @@ def plan_conversion(model: nn.Module, ep_size: int = 1, *, world_size: int | Non
 
 
 @torch.no_grad()
-def _build_layer(spec: MoESpec, block: nn.Module, ep_group: dist.ProcessGroup | None, backend: GemmBackend) -> MoELayer:
+def _build_layer(spec: MoESpec, block: nn.Module, ep_mesh: DeviceMesh | None, backend: GemmBackend) -> MoELayer:
     shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
     act_fn = getattr(block.experts, "act_fn", None)
     source_router = getattr(block, spec.router_attr)
     device = source_router.weight.device
     with torch.device(device):
-        layer = MoELayer(
-            spec, ep_group=ep_group, shared=shared, shared_gate=shared_gate, act_fn=act_fn, backend=backend
-        )
+        layer = MoELayer(spec, ep_mesh=ep_mesh, shared=shared, shared_gate=shared_gate, act_fn=act_fn, backend=backend)
     layer.to(dtype=block.experts.gate_up_proj.dtype)
     start, end = layer.expert_start, layer.expert_end
     for name in _EXPERT_TENSORS:
         source = getattr(block.experts, name, None)
         if source is not None:
-            getattr(layer.experts, name).copy_(source[start:end])
+            target = getattr(layer.experts, name)
+            target.copy_(source[start:end])
+            if layer.ep_mesh is not None:
+                # The local slice is a shard of the global [E, ...] tensor: say so, so that
+                # state dicts show global shapes and checkpoints reload under any layout.
+                shard = DTensor.from_local(target.detach(), layer.ep_mesh, [Shard(0)], run_check=False)
+                setattr(layer.experts, name, nn.Parameter(shard, requires_grad=target.requires_grad))
     router = layer.router_module
     router.weight.copy_(source_router.weight)
     if router.bias is not None:
@@ -228,16 +236,18 @@ def convert(
     model: nn.Module,
     ep_size: int = 1,
     *,
-    ep_group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | DeviceMesh | None = None,
     backend: GemmBackend = "auto",
 ) -> ConversionReport:
     """Replace every MoE block of ``model`` in place by an expert-parallel :class:`MoELayer`.
 
     With ``ep_size > 1`` the default process group must be initialised; each
     rank keeps experts ``[r * E / ep, (r + 1) * E / ep)`` of every layer, where
-    ``r`` is its rank in ``ep_group`` (by default, blocks of ``ep_size``
-    consecutive ranks). The converted model computes what the original
-    computes; state-dict keys are unchanged, expert tensors hold the local slice.
+    ``r`` is its rank in ``ep_group`` (a process group or a 1-D device mesh;
+    by default, blocks of ``ep_size`` consecutive ranks). The converted model
+    computes what the original computes. State-dict keys are unchanged; with
+    ep > 1 expert tensors are DTensors of the global shape ``[E, ...]``
+    sharded over the EP ranks, each rank holding its own experts.
     """
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if ep_size > 1 and world_size == 1 and ep_group is None:
@@ -246,12 +256,17 @@ def convert(
             f"{ep_size} ranks first (or launch with torchrun / `autoep train`)"
         )
     described = validate_conversion(model, ep_size, world_size, ep_group)
-    if ep_size > 1 and ep_group is None:
-        ep_group = build_expert_mesh(ep_size)["ep"].get_group()
-    group = ep_group if ep_size > 1 else None
-    report = ConversionReport(ep_size=ep_size, ep_rank=dist.get_rank(group) if group is not None else 0)
+    ep_mesh = None
+    if ep_size > 1:
+        if ep_group is None:
+            ep_mesh = build_expert_mesh(ep_size)["ep"]
+        elif isinstance(ep_group, DeviceMesh):
+            ep_mesh = ep_group
+        else:
+            ep_mesh = DeviceMesh.from_group(ep_group, mesh_device_type())
+    report = ConversionReport(ep_size=ep_size, ep_rank=ep_mesh.get_local_rank() if ep_mesh is not None else 0)
     for path, block, spec in described:
-        layer = _build_layer(spec, block, group, backend)
+        layer = _build_layer(spec, block, ep_mesh, backend)
         parent_path, _, child = path.rpartition(".")
         model.get_submodule(parent_path).register_module(child, layer)
         report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))

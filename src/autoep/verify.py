@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autoep.convert import convert, find_moe_blocks
+from autoep.moe.experts import local_tensor
 from autoep.moe.layer import MoELayer
 
 
@@ -80,7 +81,8 @@ def _max_abs(t: torch.Tensor) -> float:
 
 
 def _grad_or_zeros(p: nn.Parameter) -> torch.Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
+    """This rank's gradient (the local shard for expert-parallel DTensors)."""
+    return local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p))
 
 
 def compare_models(

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 GemmBackend = Literal["auto", "grouped_mm", "loop"]
 
@@ -70,6 +71,11 @@ def grouped_mm_supported(x: torch.Tensor, hidden: int, intermediate: int) -> boo
         needed = (8, 0) if hasattr(torch.nn.functional, "grouped_mm") else (9, 0)
         return torch.cuda.get_device_capability(x.device) >= needed
     return False
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an expert-parallel DTensor weight (differentiable); plain tensors pass through."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -139,10 +145,11 @@ class GroupedExperts(nn.Module):
             self.down_proj_bias = None
 
     def _weights_EKN(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both weights as ``[E, in, out]`` views (no copy)."""
+        """Both local weights as ``[E_local, in, out]`` views (no copy)."""
+        w13, w2 = local_tensor(self.gate_up_proj), local_tensor(self.down_proj)
         if self.layout.transposed:
-            return self.gate_up_proj, self.down_proj
-        return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+            return w13, w2
+        return w13.transpose(1, 2), w2.transpose(1, 2)
 
     def uses_loop(self, x: torch.Tensor) -> bool:
         """Whether the portable per-expert loop (which needs host-side counts) runs for ``x``."""
@@ -159,11 +166,11 @@ class GroupedExperts(nn.Module):
         h_AF2 = grouped_matmul(x_AD, w13_EDF2, counts_E, counts_list)
         if self.layout.has_bias:
             expert_A = torch.repeat_interleave(torch.arange(self.num_experts, device=x_AD.device), counts_E)
-            h_AF2 = h_AF2 + self.gate_up_proj_bias[expert_A]
+            h_AF2 = h_AF2 + local_tensor(self.gate_up_proj_bias)[expert_A]
         h_AF = self._activate(h_AF2)
         y_AD = grouped_matmul(h_AF, w2_EFD, counts_E, counts_list)
         if self.layout.has_bias:
-            y_AD = y_AD + self.down_proj_bias[expert_A]
+            y_AD = y_AD + local_tensor(self.down_proj_bias)[expert_A]
         return y_AD
 
     def _activate(self, h_AF2: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from autoep.moe.experts import GemmBackend, GroupedExperts
@@ -16,17 +16,19 @@ class MoELayer(nn.Module):
     """Router → dispatch → grouped experts → combine (+ shared experts).
 
     Holds the experts ``[expert_start, expert_end)`` of ``spec.num_experts``;
-    with ``ep_group`` of size > 1 tokens travel to their experts' owners by
-    all-to-all. Child modules are registered under the original block's names
-    (``gate``/``router``, ``experts``, ``shared_experts``...), so the state dict
-    keys of a converted model equal the original's.
+    with an ``ep_mesh`` of size > 1 tokens travel to their experts' owners by
+    all-to-all, and the expert weights are DTensors sharded along the expert
+    dimension over that mesh (global shape ``[E, ...]``, local ``[E/ep, ...]``).
+    Child modules are registered under the original block's names (``gate``/
+    ``router``, ``experts``, ``shared_experts``...), so the state dict keys of a
+    converted model equal the original's.
     """
 
     def __init__(
         self,
         spec: MoESpec,
         *,
-        ep_group: dist.ProcessGroup | None = None,
+        ep_mesh: DeviceMesh | None = None,
         shared: nn.Module | None = None,
         shared_gate: nn.Module | None = None,
         act_fn: nn.Module | None = None,
@@ -34,8 +36,9 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         self.spec = spec
-        ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
-        ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
+        ep_size = 1 if ep_mesh is None else ep_mesh.size()
+        ep_rank = 0 if ep_mesh is None else ep_mesh.get_local_rank()
+        self.ep_mesh = ep_mesh if ep_size > 1 else None
         self.ep_size, self.ep_rank = ep_size, ep_rank
         self.num_local_experts = spec.num_experts // ep_size
         self.expert_start = ep_rank * self.num_local_experts
@@ -52,7 +55,9 @@ class MoELayer(nn.Module):
         if spec.shared_gate_attr is not None:
             self.add_module(spec.shared_gate_attr, shared_gate)
         if ep_size > 1:
-            self.dispatcher: LocalDispatcher | AllToAllDispatcher = AllToAllDispatcher(self.num_local_experts, ep_group)
+            self.dispatcher: LocalDispatcher | AllToAllDispatcher = AllToAllDispatcher(
+                self.num_local_experts, ep_mesh.get_group()
+            )
         else:
             self.dispatcher = LocalDispatcher(self.num_local_experts)
         self.tokens_per_expert: torch.Tensor | None = None
