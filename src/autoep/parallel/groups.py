@@ -1,14 +1,19 @@
-"""Expert-parallel process groups.
+"""Device meshes for the dense and the expert view of the same ranks.
 
-EP groups are blocks of ``ep_size`` consecutive ranks (the innermost mesh
+EP groups are blocks of ``ep`` consecutive ranks (the innermost mesh
 dimension), so on multi-GPU nodes the all-to-all stays on the fast local links
-whenever ``ep_size`` fits in a node.
+whenever ``ep`` fits in a node. Expert FSDP and the EP shards of the expert
+weights are dimensions of one root mesh, as FSDP2 requires to compose them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from autoep.config import ParallelDims
 
 
 def mesh_device_type() -> str:
@@ -20,3 +25,34 @@ def build_expert_mesh(ep_size: int) -> DeviceMesh:
     """A 2-D mesh ``(edp, ep)`` over the whole world; a collective call on every rank."""
     world = dist.get_world_size()
     return init_device_mesh(mesh_device_type(), (world // ep_size, ep_size), mesh_dim_names=("edp", "ep"))
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The meshes one training job uses.
+
+    dense_fsdp: what FSDP shards dense parameters over (all ``dp`` ranks).
+    expert_fsdp: what FSDP shards expert parameters over (the ``edp`` ranks
+    holding the same experts). ep: the expert-parallel mesh (``None`` at ep=1).
+    For ZeRO-0 the FSDP meshes are 2-D ``(replicate, shard=1)``: nothing is
+    sharded and gradients are all-reduced.
+    """
+
+    dense_fsdp: DeviceMesh
+    expert_fsdp: DeviceMesh
+    ep: DeviceMesh | None
+
+
+def build_meshes(dims: ParallelDims, zero_stage: int) -> Meshes:
+    """Create the meshes (a collective call on every rank)."""
+    device = mesh_device_type()
+    replicate = zero_stage == 0
+    if replicate:
+        dense = init_device_mesh(device, (dims.dp, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
+        root = init_device_mesh(device, (dims.edp, 1, dims.ep), mesh_dim_names=("edp_replicate", "edp_shard", "ep"))
+        expert_fsdp = root["edp_replicate", "edp_shard"]
+    else:
+        dense = init_device_mesh(device, (dims.dp,), mesh_dim_names=("dp",))
+        root = init_device_mesh(device, (dims.edp, dims.ep), mesh_dim_names=("edp", "ep"))
+        expert_fsdp = root["edp"]
+    return Meshes(dense_fsdp=dense, expert_fsdp=expert_fsdp, ep=root["ep"] if dims.ep > 1 else None)

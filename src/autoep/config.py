@@ -1,0 +1,232 @@
+"""`AutoEPConfig`: the validated description of a training job's parallel layout and recipe.
+
+Build it directly, from a DeepSpeed-style JSON (`AutoEPConfig.from_deepspeed`),
+or through `autoep train` flags. Everything is checked before the first
+collective, identically on every rank: a bad value raises `ConfigError` with
+a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autoep.errors import ConfigError
+
+DType = Literal["float32", "bfloat16"]
+
+
+class AutoEPWarning(UserWarning):
+    """A configuration was accepted but part of it is ignored."""
+
+
+class MixedPrecisionConfig(BaseModel):
+    """Compute dtype of parameters in forward/backward, and dtype of gradient reductions."""
+
+    model_config = ConfigDict(extra="forbid")
+    param_dtype: DType = "float32"
+    reduce_dtype: DType = "float32"
+
+
+class OptimizerConfig(BaseModel):
+    """Optimizer type and its keyword arguments (``lr``, ``betas``, ``eps``, ``weight_decay``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["AdamW"] = "AdamW"
+    params: dict[str, Any] = Field(default_factory=lambda: {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0})
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _normalise_type(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in ("adamw", "adam"):
+            return "AdamW"
+        if isinstance(value, str) and value.lower() == "muon":
+            raise ValueError("Muon is not available yet (it arrives with the Muon work); use AdamW")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"lr", "betas", "eps", "weight_decay"}
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(f"unknown AdamW parameter(s) {unknown}; known: {sorted(allowed)}")
+        if "lr" in params and not float(params["lr"]) > 0:
+            raise ValueError(f"lr must be > 0, got {params['lr']}")
+        return params
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The two views of the same W ranks (DESIGN.md): dense W = tp x dp, experts W = ep x edp."""
+
+    world: int
+    ep: int
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def edp(self) -> int:
+        return self.world // self.ep
+
+
+class AutoEPConfig(BaseModel):
+    """Parallel layout (``ep_size``, ``tp_size``, ``zero_stage``) and training recipe of a job.
+
+    ZeRO stages map onto FSDP2 as documented in docs/zero.md: 0 replicates
+    everything and all-reduces gradients; 1 and 2 shard optimizer state and
+    gradients and keep parameters gathered from forward to backward; 3 also
+    re-gathers parameters per layer.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    ep_size: int = Field(1, ge=1)
+    tp_size: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    mixed_precision: MixedPrecisionConfig = Field(default_factory=MixedPrecisionConfig)
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_clipping: float | None = Field(None, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    micro_batch_size: int = Field(1, ge=1)
+    seed: int = 0
+
+    @field_validator("tp_size")
+    @classmethod
+    def _tp_not_yet(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("tensor parallelism (tp_size > 1, 'folding') is not available yet; use tp_size=1")
+        return value
+
+    @field_validator("gradient_clipping")
+    @classmethod
+    def _zero_means_off(cls, value: float | None) -> float | None:
+        return None if value == 0 else value
+
+    @classmethod
+    def create(cls, **fields: Any) -> AutoEPConfig:
+        """Like the constructor, but a bad value raises a one-line :class:`ConfigError`."""
+        try:
+            return cls(**fields)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+
+    def parallel_dims(self, world_size: int) -> ParallelDims:
+        """The layout on ``world_size`` ranks; raises :class:`ConfigError` if it does not fit."""
+        if world_size % self.ep_size:
+            raise ConfigError(
+                f"ep_size={self.ep_size} does not divide the world size {world_size}; "
+                f"use an ep_size among {[n for n in range(1, world_size + 1) if world_size % n == 0]}"
+            )
+        if world_size % self.tp_size:
+            raise ConfigError(f"tp_size={self.tp_size} does not divide the world size {world_size}")
+        return ParallelDims(world=world_size, ep=self.ep_size, tp=self.tp_size)
+
+    @classmethod
+    def from_deepspeed(cls, source: dict[str, Any] | str | Path, **overrides: Any) -> AutoEPConfig:
+        """Read a DeepSpeed-style config (a dict or a JSON file).
+
+        Understood: ``zero_optimization.stage`` (and ``offload_param`` /
+        ``offload_optimizer`` with ``device: cpu``), ``expert_parallel.{enabled,
+        autoep_size}``, ``tensor_parallel.autotp_size``, ``bf16.enabled``,
+        ``gradient_accumulation_steps``, ``gradient_clipping``,
+        ``optimizer.{type, params}``, ``train_micro_batch_size_per_gpu``,
+        ``activation_checkpointing`` and ``seed``. Every other key is listed in
+        one :class:`AutoEPWarning` and ignored. ``overrides`` win over the file.
+        """
+        raw = _load_json(source)
+        fields, unknown = _fields_from_deepspeed(raw)
+        if unknown:
+            warnings.warn(
+                f"autoep ignores these DeepSpeed config keys: {', '.join(unknown)}", AutoEPWarning, stacklevel=2
+            )
+        return cls.create(**{**fields, **overrides})
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        message = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message} (got {e.get('input')!r})" if "input" in e else f"{where}: {message}")
+    return "invalid autoep config: " + "; ".join(parts)
+
+
+def _load_json(source: dict[str, Any] | str | Path) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {str(path)!r} must hold a JSON object")
+    return data
+
+
+_SECTION_KEYS = {
+    "zero_optimization": {"stage", "offload_param", "offload_optimizer"},
+    "expert_parallel": {"enabled", "autoep_size"},
+    "tensor_parallel": {"autotp_size"},
+    "bf16": {"enabled"},
+    "fp16": {"enabled"},
+    "optimizer": {"type", "params"},
+}
+_TOP_LEVEL_KEYS = {
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "train_micro_batch_size_per_gpu",
+    "activation_checkpointing",
+    "seed",
+}
+
+
+def _fields_from_deepspeed(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    unknown = [k for k in raw if k not in _SECTION_KEYS and k not in _TOP_LEVEL_KEYS]
+    for section, keys in _SECTION_KEYS.items():
+        value = raw.get(section)
+        if isinstance(value, dict):
+            unknown += [f"{section}.{k}" for k in value if k not in keys]
+    fields: dict[str, Any] = {}
+    zero = raw.get("zero_optimization") or {}
+    if "stage" in zero:
+        fields["zero_stage"] = zero["stage"]
+    if any((zero.get(k) or {}).get("device") == "cpu" for k in ("offload_param", "offload_optimizer")):
+        fields["cpu_offload"] = True
+    ep = raw.get("expert_parallel") or {}
+    if ep.get("enabled", "autoep_size" in ep):
+        fields["ep_size"] = ep.get("autoep_size", 1)
+    tp = raw.get("tensor_parallel") or {}
+    if "autotp_size" in tp:
+        fields["tp_size"] = tp["autotp_size"]
+    if (raw.get("fp16") or {}).get("enabled"):
+        raise ConfigError("fp16 training is not supported; use bf16 (\"bf16\": {\"enabled\": true})")
+    if (raw.get("bf16") or {}).get("enabled"):
+        fields["mixed_precision"] = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
+    for ds_key, key in [
+        ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+        ("gradient_clipping", "gradient_clipping"),
+        ("train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ("seed", "seed"),
+    ]:
+        if ds_key in raw:
+            fields[key] = raw[ds_key]
+    if raw.get("activation_checkpointing"):
+        fields["activation_checkpointing"] = True
+    if "optimizer" in raw:
+        opt = raw["optimizer"] or {}
+        fields["optimizer"] = {"type": opt.get("type", "AdamW"), "params": dict(opt.get("params") or {})}
+    return fields, unknown

@@ -1,0 +1,61 @@
+"""Global gradient-norm clipping across the dense and the expert meshes.
+
+Every parameter element must count once in the norm. Sharded placements
+(FSDP's ``Shard``/``_StridedShard``, the expert dimension over EP) already
+split elements between ranks; a ``Replicate`` placement (ZeRO-0) holds the
+same elements on each rank of that mesh dimension, so its local sum of
+squares is divided by the replication factor. One all-reduce over the world
+then yields the exact global norm, whatever mixture of meshes the model uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+
+
+def _replication(t: torch.Tensor) -> int:
+    if isinstance(t, DTensor):
+        return math.prod(
+            t.device_mesh.size(i) for i, placement in enumerate(t.placements) if isinstance(placement, Replicate)
+        )
+    # A plain tensor in a distributed job is a full replica on every rank.
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all gradients as if the model were in one process (fp32)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    device = _local(grads[0]).device if grads else torch.device("cpu")
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for grad in grads:
+        total_sq += _local(grad).float().pow(2).sum() / _replication(grad)
+    if dist.is_initialized():
+        dist.all_reduce(total_sq)
+    return total_sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model_or_params: nn.Module | Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most ``max_norm``; return the norm before clipping.
+
+    Same rule as ``torch.nn.utils.clip_grad_norm_``: the scale is
+    ``max_norm / (norm + 1e-6)``, applied only when it is below 1.
+    """
+    params = list(model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params)
+    norm = global_grad_norm(params)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    local_grads = [_local(p.grad) for p in params if p.grad is not None]
+    if local_grads:
+        torch._foreach_mul_(local_grads, scale.to(local_grads[0].device))
+    return norm

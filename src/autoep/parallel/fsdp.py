@@ -1,0 +1,67 @@
+"""ZeRO stages 0-3 through FSDP2 ``fully_shard``, with expert-aware gradient scaling.
+
+Wrapping order: each MoE layer's experts on the expert mesh, then every
+decoder layer on the dense mesh, then the root. Nested wrapping keeps the
+expert parameters out of the decoder layer's FSDP group.
+
+Gradient scaling (DESIGN.md): the objective is the mean over the ``dp`` ranks
+of each rank's mean loss. Dense gradients are therefore averaged over ``dp``.
+An expert's gradient already arrives on its owner **summed** over the EP
+group by the all-to-all backward, so the reduction over its ``edp`` replicas
+must divide by ``dp`` as well, not by ``edp``; both FSDP groups get the
+gradient divide factor ``dp``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from autoep.config import AutoEPConfig, ParallelDims
+from autoep.moe.layer import MoELayer
+from autoep.parallel.groups import Meshes
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a HF model (by ``_no_split_modules``), the unit of FSDP wrapping."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    return layers
+
+
+def _shard_group_size(mesh: DeviceMesh) -> int:
+    return mesh.size(-1)
+
+
+def _configure_reduction(module: FSDPModule, mesh: DeviceMesh, divide_factor: int) -> None:
+    module.set_gradient_divide_factor(float(divide_factor))
+    # gloo has no AVG / PREMUL_SUM: reduce with SUM and divide afterwards. (With a
+    # shard group of one rank FSDP divides locally and only all-reduces with SUM.)
+    if dist.get_backend(mesh.get_group(mesh.ndim - 1)) == "gloo" and _shard_group_size(mesh) > 1:
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def apply_fsdp(model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshes: Meshes) -> nn.Module:
+    """Shard ``model`` (already converted) according to ``config.zero_stage``."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    mp = MixedPrecisionPolicy(
+        param_dtype=dtype[config.mixed_precision.param_dtype],
+        reduce_dtype=dtype[config.mixed_precision.reduce_dtype],
+    )
+    common = dict(mp_policy=mp, reshard_after_forward=config.zero_stage == 3)
+    if config.cpu_offload:
+        common["offload_policy"] = CPUOffloadPolicy()
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        fully_shard(layer.experts, mesh=meshes.expert_fsdp, **common)
+        _configure_reduction(layer.experts, meshes.expert_fsdp, dims.dp)
+    for block in decoder_layers(model):
+        fully_shard(block, mesh=meshes.dense_fsdp, **common)
+        _configure_reduction(block, meshes.dense_fsdp, dims.dp)
+    fully_shard(model, mesh=meshes.dense_fsdp, **{**common, "reshard_after_forward": False})
+    _configure_reduction(model, meshes.dense_fsdp, dims.dp)
+    return model

@@ -1,0 +1,57 @@
+"""`autoep.parallelize`: convert a HF MoE model and shard it for training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch import nn
+
+from autoep.config import AutoEPConfig, ParallelDims
+from autoep.convert import ConversionReport, convert, validate_conversion
+from autoep.errors import ConfigError
+from autoep.parallel.fsdp import apply_fsdp
+from autoep.parallel.groups import Meshes, build_meshes
+
+
+@dataclass
+class ParallelState:
+    """What `parallelize` set up, kept on the model as ``model.autoep``."""
+
+    config: AutoEPConfig
+    dims: ParallelDims
+    meshes: Meshes
+    report: ConversionReport
+
+
+def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> ParallelDims:
+    """Every check `parallelize` makes before its first collective (rank-local, identical everywhere)."""
+    dims = config.parallel_dims(world_size)
+    validate_conversion(model, config.ep_size, world_size)
+    if config.cpu_offload and dist.is_initialized() and dist.get_backend() != "nccl":
+        raise ConfigError("cpu_offload needs CUDA parameters; on a CPU-only job the parameters already live on CPU")
+    return dims
+
+
+def parallelize(model: nn.Module, config: AutoEPConfig) -> nn.Module:
+    """Convert ``model``'s MoE blocks to expert parallelism and apply ZeRO (FSDP2), in place.
+
+    Needs an initialised default process group (``torchrun`` or `autoep train`).
+    Builds the dense (``dp``) and expert (``ep`` x ``edp``) meshes, converts,
+    optionally enables activation checkpointing, and shards with the stage
+    mapping of docs/zero.md and expert gradients divided by ``dp``. Returns the
+    same model object, now an FSDP module, with ``model.autoep`` describing
+    the layout.
+    """
+    if not dist.is_initialized():
+        raise ConfigError("autoep.parallelize needs torch.distributed: launch with `autoep train` or torchrun")
+    dims = validate(model, config, dist.get_world_size())
+    meshes = build_meshes(dims, config.zero_stage)
+    report = convert(model, config.ep_size, ep_group=meshes.ep)
+    if config.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{type(model).__name__} does not support activation checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_fsdp(model, config, dims, meshes)
+    model.autoep = ParallelState(config, dims, meshes, report)
+    return model
