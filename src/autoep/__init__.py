@@ -12,8 +12,8 @@ from autoep.parallelize import parallelize
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoEPConfig",
     "AlreadyConvertedError",
+    "AutoEPConfig",
     "AutoEPError",
     "ConfigError",
     "ConversionReport",

@@ -213,7 +213,7 @@ def _fields_from_deepspeed(raw: dict[str, Any]) -> tuple[dict[str, Any], list[st
     if "autotp_size" in tp:
         fields["tp_size"] = tp["autotp_size"]
     if (raw.get("fp16") or {}).get("enabled"):
-        raise ConfigError("fp16 training is not supported; use bf16 (\"bf16\": {\"enabled\": true})")
+        raise ConfigError('fp16 training is not supported; use bf16 ("bf16": {"enabled": true})')
     if (raw.get("bf16") or {}).get("enabled"):
         fields["mixed_precision"] = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
     for ds_key, key in [
