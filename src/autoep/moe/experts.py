@@ -78,16 +78,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a dense gradient: the grouped GEMM's backward rejects stride-0 grads."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+def _dense_grad(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()
 
 
 def grouped_matmul(
@@ -104,7 +96,10 @@ def grouped_matmul(
     """
     if counts_list is None:
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        return _ContiguousGrad.apply(_grouped_mm_op()(x_AK, w_EKN, offs=offs_E))
+        y_AN = _grouped_mm_op()(x_AK, w_EKN, offs=offs_E)
+        if y_AN.requires_grad:  # the grouped GEMM's backward rejects stride-0 (expanded) gradients
+            y_AN.register_hook(_dense_grad)
+        return y_AN
     # Empty experts still get their (0-row) matmul: the autograd graph, and so the
     # collectives its backward issues, must not depend on how many rows arrived.
     chunks = torch.split(x_AK, counts_list, dim=0)

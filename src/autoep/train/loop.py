@@ -1,0 +1,137 @@
+"""The training loop behind `autoep train`, run on every rank."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from autoep.config import AutoEPConfig
+from autoep.models.loading import load_model
+from autoep.models.tiny import is_tiny_model_name
+from autoep.optim import build_optimizer
+from autoep.parallelize import parallelize
+from autoep.train.data import TokenBatches, builtin_corpus, read_text, tokenize
+from autoep.train.metrics import MetricsLog, Progress, expert_load, imbalance
+from autoep.train.step import train_step
+
+
+@dataclass
+class TrainJob:
+    """Everything one run needs besides the parallel config."""
+
+    config: AutoEPConfig
+    model: str = "tiny-mixtral"
+    data: str | None = None
+    steps: int = 200
+    seq_len: int = 64
+    output: str | None = None
+    warmup_steps: int = 10
+    log_every: int = 10
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready record of the run (written to ``config.json``)."""
+        return {
+            "autoep": self.config.model_dump(),
+            "model": self.model,
+            "data": self.data or "builtin",
+            "steps": self.steps,
+            "seq_len": self.seq_len,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+def _lr_lambda(warmup: int, total: int):
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def run_training(job: TrainJob) -> dict[str, Any]:
+    """Train on this rank (the default process group must be initialised); returns the summary."""
+    config = job.config
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(config.seed)
+    model = load_model(job.model, seed=config.seed).to(_device())
+    model.train()
+    parallelize(model, config)
+    dims = model.autoep.dims
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(job.warmup_steps, job.steps), job.steps))
+
+    text = read_text(job.data) if job.data else builtin_corpus(seed=config.seed)
+    model_dir = None if is_tiny_model_name(job.model) else job.model
+    tokens = tokenize(text, model.config.get_text_config().vocab_size, model_dir)
+    batches = TokenBatches(tokens, job.seq_len, config.micro_batch_size, dims.dp, seed=config.seed)
+
+    output = Path(job.output) if job.output else None
+    is_main = rank == 0
+    log = MetricsLog(output / "metrics.jsonl" if output is not None and is_main else None)
+    if output is not None and is_main:
+        (output / "config.json").write_text(json.dumps(job.describe(), indent=2))
+    progress = Progress(job.steps, enabled=is_main, log_every=job.log_every)
+    tokens_per_step = dims.dp * config.gradient_accumulation_steps * config.micro_batch_size * job.seq_len
+    device = _device()
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for step in range(job.steps):
+        t0 = time.perf_counter()
+        micro = [
+            batches.batch(step, m, rank, config.gradient_accumulation_steps).to(device)
+            for m in range(config.gradient_accumulation_steps)
+        ]
+        result = train_step(model, optimizer, micro, max_grad_norm=config.gradient_clipping)
+        scheduler.step()
+        load = expert_load(model)
+        step_time = time.perf_counter() - t0
+        record = {
+            "step": step + 1,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tokens_per_step / step_time,
+            "step_time_s": step_time,
+            "expert_imbalance": imbalance(load),
+            "expert_load": load.tolist(),
+        }
+        history.append(record)
+        log.write(record)
+        progress.update(step + 1, result.loss, record["tokens_per_s"], record["expert_imbalance"])
+    progress.close()
+    log.close()
+    elapsed = time.perf_counter() - started
+    window = max(1, min(10, len(history) // 5))
+    summary = {
+        "model": job.model,
+        "world_size": world,
+        "ep": config.ep_size,
+        "zero_stage": config.zero_stage,
+        "steps": job.steps,
+        "first_loss": sum(r["loss"] for r in history[:window]) / window,
+        "final_loss": sum(r["loss"] for r in history[-window:]) / window,
+        "tokens_per_s": tokens_per_step * job.steps / elapsed,
+        "seconds": elapsed,
+        "final_expert_imbalance": history[-1]["expert_imbalance"],
+        "output": str(output) if output else None,
+    }
+    if output is not None and is_main:
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
