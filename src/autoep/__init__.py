@@ -1,8 +1,9 @@
 """autoep: automatic expert parallelism for Hugging Face MoE models on PyTorch's own distributed stack."""
 
+from autoep.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from autoep.config import AutoEPConfig
 from autoep.convert import ConversionReport, LayerReport, convert, find_moe_blocks, supported_families
-from autoep.errors import AlreadyConvertedError, AutoEPError, ConfigError, UnsupportedModelError
+from autoep.errors import AlreadyConvertedError, AutoEPError, CheckpointError, ConfigError, UnsupportedModelError
 from autoep.models import FamilyAdapter, register_family, unregister_family
 from autoep.moe import MoELayer
 from autoep.optim import build_optimizer
@@ -15,6 +16,8 @@ __all__ = [
     "AlreadyConvertedError",
     "AutoEPConfig",
     "AutoEPError",
+    "CheckpointError",
+    "CheckpointState",
     "ConfigError",
     "ConversionReport",
     "FamilyAdapter",
@@ -26,8 +29,10 @@ __all__ = [
     "clip_grad_norm_",
     "convert",
     "find_moe_blocks",
+    "load_checkpoint",
     "parallelize",
     "register_family",
+    "save_checkpoint",
     "supported_families",
     "unregister_family",
 ]

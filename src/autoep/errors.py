@@ -20,5 +20,9 @@ class UnsupportedModelError(AutoEPError):
     """The model contains no MoE block that any registered family adapter recognises."""
 
 
+class CheckpointError(AutoEPError):
+    """A checkpoint is missing, corrupt, truncated, or does not fit the model it is loaded into."""
+
+
 class AlreadyConvertedError(AutoEPError):
     """`convert` was called on a model whose MoE blocks were already replaced."""

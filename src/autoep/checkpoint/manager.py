@@ -1,0 +1,265 @@
+"""Sharded, atomic, layout-independent training checkpoints on torch.distributed.checkpoint.
+
+A checkpoint root holds one directory per saved step and a ``latest`` pointer::
+
+    ROOT/step_00000300/   .metadata, *.distcp (DCP: model + optimizer, every rank its own shards)
+                          autoep.json (step, data position, config, layout, model fingerprint, extra)
+                          rng/rank_00003.pt (each rank's RNG states)
+    ROOT/latest           "step_00000300"
+
+Writes go to ``ROOT/.step_00000300.partial`` first; only when every rank has
+finished does rank 0 rename it into place, then update ``latest`` (atomically,
+by ``os.replace``), then prune old steps. A save that dies midway leaves the
+previous checkpoint and ``latest`` untouched; the next save clears the debris.
+
+Expert weights and their optimizer states are DTensors of the global
+``[E, ...]`` shape, so DCP reshards on load: the world size, ep_size and ZeRO
+stage may all differ between save and load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from autoep.errors import CheckpointError
+
+LATEST = "latest"
+META_FILE = "autoep.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointState:
+    """What `load_checkpoint` restored besides the tensors."""
+
+    step: int
+    data_position: int
+    path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Model type and the global shape of every tensor in the state dict (what must match to load)."""
+    config = getattr(model, "config", None)
+    shapes = {name: list(t.shape) for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    return {"model_type": getattr(config, "model_type", type(model).__name__), "shapes": shapes}
+
+
+def _layout(model: nn.Module) -> dict[str, Any]:
+    state = getattr(model, "autoep", None)
+    layout: dict[str, Any] = {"world_size": _world()}
+    if state is not None:
+        layout.update(ep_size=state.config.ep_size, zero_stage=state.config.zero_stage, tp_size=state.config.tp_size)
+    return layout
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int, protect: str) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    step: int,
+    extra: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Save model, optimizer, step, RNG and ``extra`` under ``path/step_XXXXXXXX``; call on every rank.
+
+    ``extra`` must be JSON-serialisable (put the data position under
+    ``"data_position"``; it defaults to ``step``). Returns the final directory.
+    """
+    root = Path(path)
+    name = step_dir_name(step)
+    final, partial = root / name, root / f".{name}.partial"
+    extra = dict(extra or {})
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for debris in root.glob(".*.partial"):  # left by an earlier save that died
+            shutil.rmtree(debris, ignore_errors=True)
+        partial.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+    (partial / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        state = getattr(model, "autoep", None)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "data_position": extra.pop("data_position", step),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "layout": _layout(model),
+            "config": state.config.model_dump() if state is not None else None,
+            "model": model_fingerprint(model),
+            "extra": extra,
+        }
+        _write_text_atomic(partial / META_FILE, json.dumps(meta, indent=1))
+        if final.exists():  # re-saving a step: swap only once the new one is complete
+            stale = root / f".{name}.old"
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        _write_text_atomic(root / LATEST, name)
+        if keep_last is not None:
+            _prune(root, keep_last, protect=name)
+    _barrier()
+    return final
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A step directory, or the one a root's ``latest`` pointer names."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        target = path / pointer.read_text(encoding="utf-8").strip()
+        if not (target / META_FILE).is_file():
+            raise CheckpointError(f"{pointer} names {target.name}, which is missing or incomplete")
+        return target
+    raise CheckpointError(f"no autoep checkpoint at {str(path)!r} (neither a step directory nor a root with 'latest')")
+
+
+def read_metadata(step_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((step_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{step_dir / META_FILE} is unreadable or corrupt: {err}") from None
+
+
+def check_compatible(model: nn.Module, saved: dict[str, Any], where: Path) -> None:
+    """Raise a named error unless the checkpoint's tensors fit ``model`` exactly (names and global shapes)."""
+    mine = model_fingerprint(model)
+    theirs = saved.get("model") or {}
+    if theirs.get("model_type") != mine["model_type"]:
+        raise CheckpointError(
+            f"checkpoint {where} is from a different model: it holds a {theirs.get('model_type')!r} model, "
+            f"this is a {mine['model_type']!r} model"
+        )
+    saved_shapes, shapes = theirs.get("shapes", {}), mine["shapes"]
+    missing = sorted(set(shapes) - set(saved_shapes))
+    unexpected = sorted(set(saved_shapes) - set(shapes))
+    mismatched = [
+        f"{k}: checkpoint {saved_shapes[k]}, model {shapes[k]}"
+        for k in sorted(set(shapes) & set(saved_shapes))
+        if list(saved_shapes[k]) != list(shapes[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_short(mismatched)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not fit this model: " + "; ".join(problems))
+
+
+def _short(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... ({len(items) - limit} more)' if len(items) > limit else ''}]"
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> CheckpointState:
+    """Load a checkpoint (a step directory, or a root's ``latest``) into ``model`` and ``optimizer``; every rank.
+
+    The model may be laid out differently from when it was saved (world size,
+    ep_size, ZeRO stage). RNG states are restored when the world size matches.
+    Nothing is modified if the checkpoint does not fit: the check runs first.
+    """
+    step_dir = resolve_checkpoint(path)
+    saved = read_metadata(step_dir)
+    check_compatible(model, saved, step_dir)
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(step_dir))
+    except Exception as err:  # DCP reports truncation and corruption in many shapes
+        raise CheckpointError(f"checkpoint {step_dir} could not be read (truncated or corrupt?): {err}") from None
+    set_state_dict(
+        model, optimizer if optimizer is not None else [], model_state_dict=model_sd, optim_state_dict=optim_sd
+    )
+    rng_file = step_dir / "rng" / f"rank_{_rank():05d}.pt"
+    if saved.get("layout", {}).get("world_size") == _world() and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return CheckpointState(
+        step=int(saved["step"]),
+        data_position=int(saved.get("data_position", saved["step"])),
+        path=step_dir,
+        extra=saved.get("extra") or {},
+        config=saved.get("config"),
+        layout=saved.get("layout"),
+    )
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Gather a DTensor to a full tensor on every rank (a plain tensor passes through)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
