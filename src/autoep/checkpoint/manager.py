@@ -141,7 +141,7 @@ def save_checkpoint(
         partial.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
@@ -226,6 +226,25 @@ def _short(items: list[str], limit: int = 6) -> str:
     return f"[{shown}{f', ... ({len(items) - limit} more)' if len(items) > limit else ''}]"
 
 
+def verify_files(step_dir: Path) -> None:
+    """Every byte range DCP's metadata promises must exist on disk: catches missing and truncated shards."""
+    try:
+        metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {step_dir} has no readable DCP metadata: {err}") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for relative, size in sorted(needed.items()):
+        file = step_dir / relative
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {step_dir} is missing its shard file {relative}")
+        if file.stat().st_size < size:
+            raise CheckpointError(
+                f"checkpoint {step_dir} is truncated: {relative} has {file.stat().st_size} bytes, needs {size}"
+            )
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> CheckpointState:
@@ -233,15 +252,18 @@ def load_checkpoint(
 
     The model may be laid out differently from when it was saved (world size,
     ep_size, ZeRO stage). RNG states are restored when the world size matches.
-    Nothing is modified if the checkpoint does not fit: the check runs first.
+    Names, global shapes, the model type and the presence and size of every
+    shard file are checked before any tensor is touched, so a checkpoint that
+    does not fit, or is truncated, leaves the model as it was.
     """
     step_dir = resolve_checkpoint(path)
     saved = read_metadata(step_dir)
     check_compatible(model, saved, step_dir)
+    verify_files(step_dir)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     try:
-        dcp.load(state, checkpoint_id=str(step_dir))
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=not dist.is_initialized())
     except Exception as err:  # DCP reports truncation and corruption in many shapes
         raise CheckpointError(f"checkpoint {step_dir} could not be read (truncated or corrupt?): {err}") from None
     set_state_dict(

@@ -50,6 +50,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output", help="run directory for metrics.jsonl, config.json, summary.json (default: runs/...)")
     g.add_argument("--log-every", type=int, default=10, help="log line interval when not on a terminal")
+    g.add_argument("--save-every", type=int, help="save a checkpoint every N steps and at the end (OUTPUT/checkpoints)")
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default: 3)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT/checkpoints/latest; world size, --ep and --zero may differ from the saved run",
+    )
+    g.add_argument(
+        "--stop-at", type=int, help="stop after this step (the schedule still follows --steps), e.g. to split a run"
+    )
     g = p.add_argument_group("launcher (torch elastic)")
     g.add_argument("--nproc-per-node", type=int, help="processes per machine (default: GPUs, or 4 on CPU)")
     g.add_argument("--nnodes", default="1", help="machines, N or MIN:MAX (default: 1)")
@@ -122,6 +132,19 @@ def _validate(args: argparse.Namespace, config, world: int | None) -> None:
     for name, value in (("--steps", args.steps), ("--seq-len", args.seq_len), ("--log-every", args.log_every)):
         if value < 1:
             raise AutoEPError(f"{name} must be >= 1, got {value}")
+    for name, value in (
+        ("--save-every", args.save_every),
+        ("--keep-last", args.keep_last),
+        ("--stop-at", args.stop_at),
+    ):
+        if value is not None and value < 1:
+            raise AutoEPError(f"{name} must be >= 1, got {value}")
+    if args.resume:
+        from autoep.checkpoint.manager import resolve_checkpoint
+
+        if not args.output:
+            raise AutoEPError("--resume needs --output: the run directory whose checkpoints to continue from")
+        resolve_checkpoint(Path(args.output) / "checkpoints")
     if args.data and not Path(args.data).is_file():
         raise AutoEPError(f"data file {args.data!r} does not exist")
     meta = build_meta_model(args.model)
@@ -140,8 +163,12 @@ def _worker(job) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    if not summary["steps"]:
+        print(f"autoep train: nothing to do, the run is already at step {summary['last_step']}")
+        return
     print(
-        f"autoep train: {summary['steps']} steps of {summary['model']} on {summary['world_size']} ranks "
+        f"autoep train: steps {summary['first_step']}-{summary['last_step']} of {summary['model']} "
+        f"on {summary['world_size']} ranks "
         f"(ep={summary['ep']}, zero={summary['zero_stage']}) in {summary['seconds']:.1f}s\n"
         f"  loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
         f"{summary['tokens_per_s']:,.0f} tokens/s, final expert imbalance {summary['final_expert_imbalance']:.2f}"
@@ -166,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         output=output,
         log_every=args.log_every,
+        save_every=args.save_every,
+        keep_last=args.keep_last,
+        resume=args.resume,
+        stop_at=args.stop_at,
     )
     if _inside_torchrun():
         summary = _run_in_this_process(job)

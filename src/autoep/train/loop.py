@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from autoep.checkpoint import load_checkpoint, save_checkpoint
 from autoep.config import AutoEPConfig
 from autoep.models.loading import load_model
 from autoep.models.tiny import is_tiny_model_name
@@ -34,6 +35,14 @@ class TrainJob:
     output: str | None = None
     warmup_steps: int = 10
     log_every: int = 10
+    save_every: int | None = None
+    keep_last: int | None = 3
+    resume: bool = False
+    stop_at: int | None = None
+
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return Path(self.output) / "checkpoints" if self.output else None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the run (written to ``config.json``)."""
@@ -57,6 +66,14 @@ def _lr_lambda(warmup: int, total: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def _truncate_metrics(path: Path, keep_through: int) -> None:
+    """Drop records of steps after the checkpoint we resume from (they will be redone)."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_through]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _device() -> torch.device:
@@ -84,15 +101,24 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 
     output = Path(job.output) if job.output else None
     is_main = rank == 0
+    start = 0
+    if job.resume:
+        state = load_checkpoint(job.checkpoint_root, model, optimizer)
+        scheduler.load_state_dict(state.extra["scheduler"])
+        start = state.data_position
+        if is_main:
+            _truncate_metrics(output / "metrics.jsonl", keep_through=start)
+            print(f"resumed from {state.path} at step {start}", flush=True)
     log = MetricsLog(output / "metrics.jsonl" if output is not None and is_main else None)
     if output is not None and is_main:
         (output / "config.json").write_text(json.dumps(job.describe(), indent=2))
-    progress = Progress(job.steps, enabled=is_main, log_every=job.log_every)
+    progress = Progress(job.steps, enabled=is_main, log_every=job.log_every, initial=start)
+    last = min(job.steps, job.stop_at) if job.stop_at else job.steps
     tokens_per_step = dims.dp * config.gradient_accumulation_steps * config.micro_batch_size * job.seq_len
     device = _device()
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for step in range(job.steps):
+    for step in range(start, last):
         t0 = time.perf_counter()
         micro = [
             batches.batch(step, m, rank, config.gradient_accumulation_steps).to(device)
@@ -115,6 +141,16 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         history.append(record)
         log.write(record)
         progress.update(step + 1, result.loss, record["tokens_per_s"], record["expert_imbalance"])
+        done = step + 1
+        if job.save_every and job.checkpoint_root and (done % job.save_every == 0 or done == last):
+            save_checkpoint(
+                job.checkpoint_root,
+                model,
+                optimizer,
+                step=done,
+                extra={"scheduler": scheduler.state_dict(), "data_position": done},
+                keep_last=job.keep_last,
+            )
     progress.close()
     log.close()
     elapsed = time.perf_counter() - started
@@ -124,12 +160,14 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "world_size": world,
         "ep": config.ep_size,
         "zero_stage": config.zero_stage,
-        "steps": job.steps,
-        "first_loss": sum(r["loss"] for r in history[:window]) / window,
-        "final_loss": sum(r["loss"] for r in history[-window:]) / window,
-        "tokens_per_s": tokens_per_step * job.steps / elapsed,
+        "steps": len(history),
+        "first_step": start + 1,
+        "last_step": last,
+        "first_loss": sum(r["loss"] for r in history[:window]) / window if history else None,
+        "final_loss": sum(r["loss"] for r in history[-window:]) / window if history else None,
+        "tokens_per_s": tokens_per_step * len(history) / max(elapsed, 1e-9),
         "seconds": elapsed,
-        "final_expert_imbalance": history[-1]["expert_imbalance"],
+        "final_expert_imbalance": history[-1]["expert_imbalance"] if history else None,
         "output": str(output) if output else None,
     }
     if output is not None and is_main:

@@ -66,15 +66,16 @@ class MetricsLog:
 class Progress:
     """A tqdm bar on a terminal; a plain line every ``log_every`` steps otherwise (logs, CI)."""
 
-    def __init__(self, total: int, enabled: bool, log_every: int = 10) -> None:
+    def __init__(self, total: int, enabled: bool, log_every: int = 10, initial: int = 0) -> None:
         self.enabled = enabled
         self.log_every = log_every
         self.total = total
         self.bar = None
+        self._printed = False
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="autoep train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc="autoep train", unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float, tokens_per_s: float, load_imbalance: float) -> None:
         if not self.enabled:
@@ -82,7 +83,8 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", imbalance=f"{load_imbalance:.2f}")
             self.bar.update(1)
-        elif step == 1 or step % self.log_every == 0 or step == self.total:
+        elif step == 1 or step % self.log_every == 0 or step == self.total or not self._printed:
+            self._printed = True
             print(
                 f"step {step:>5}/{self.total}  loss {loss:.4f}  tok/s {tokens_per_s:,.0f}  "
                 f"expert imbalance {load_imbalance:.2f}",
