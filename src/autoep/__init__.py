@@ -1,6 +1,13 @@
 """autoep: automatic expert parallelism for Hugging Face MoE models on PyTorch's own distributed stack."""
 
-from autoep.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from autoep.checkpoint import (
+    CheckpointState,
+    export_checkpoint,
+    export_hf,
+    from_pretrained,
+    load_checkpoint,
+    save_checkpoint,
+)
 from autoep.config import AutoEPConfig
 from autoep.convert import ConversionReport, LayerReport, convert, find_moe_blocks, supported_families
 from autoep.errors import AlreadyConvertedError, AutoEPError, CheckpointError, ConfigError, UnsupportedModelError
@@ -28,7 +35,10 @@ __all__ = [
     "build_optimizer",
     "clip_grad_norm_",
     "convert",
+    "export_checkpoint",
+    "export_hf",
     "find_moe_blocks",
+    "from_pretrained",
     "load_checkpoint",
     "parallelize",
     "register_family",

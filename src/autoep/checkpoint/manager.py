@@ -19,11 +19,15 @@ stage may all differ between save and load.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,14 @@ class CheckpointState:
     extra: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     layout: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def _single_process_is_fine() -> Iterator[None]:
+    """DCP warns when used without a process group; for autoep that is a supported case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rank() -> int:
@@ -141,7 +153,8 @@ def save_checkpoint(
         partial.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+    with _single_process_is_fine():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
@@ -157,6 +170,9 @@ def save_checkpoint(
             "model": model_fingerprint(model),
             "extra": extra,
         }
+        hf_config = getattr(model, "config", None)
+        if hf_config is not None and hasattr(hf_config, "to_json_string"):
+            _write_text_atomic(partial / "hf_config.json", hf_config.to_json_string())
         _write_text_atomic(partial / META_FILE, json.dumps(meta, indent=1))
         if final.exists():  # re-saving a step: swap only once the new one is complete
             stale = root / f".{name}.old"
@@ -263,7 +279,8 @@ def load_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     try:
-        dcp.load(state, checkpoint_id=str(step_dir), no_dist=not dist.is_initialized())
+        with _single_process_is_fine():
+            dcp.load(state, checkpoint_id=str(step_dir), no_dist=not dist.is_initialized())
     except Exception as err:  # DCP reports truncation and corruption in many shapes
         raise CheckpointError(f"checkpoint {step_dir} could not be read (truncated or corrupt?): {err}") from None
     set_state_dict(
@@ -283,5 +300,17 @@ def load_checkpoint(
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Gather a DTensor to a full tensor on every rank (a plain tensor passes through)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """Gather a DTensor to a full tensor on every rank (a plain tensor passes through).
+
+    Expert tensors are 2-D sharded (edp, ep); torch logs a warning that their
+    gather takes two all-gathers. That is expected here, so it is silenced.
+    """
+    if not isinstance(t, DTensor):
+        return t
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return t.full_tensor()
+    finally:
+        logger.setLevel(level)

@@ -44,6 +44,38 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_verify)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write an autoep checkpoint as a Hugging Face model directory",
+        description="Convert CKPT (a run's checkpoints directory, which uses its 'latest', or one step directory) "
+        "into OUT_DIR: safetensors shards plus config.json, loadable with transformers' from_pretrained. "
+        "Streams one tensor at a time; the whole model is never in memory.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint root (e.g. runs/x/checkpoints) or step directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the HF model (replaced only when complete)")
+    p.add_argument("--fused", action="store_true", help="keep experts fused ([E, ...] tensors) instead of per expert")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="cast weights (default: as saved)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from autoep.checkpoint import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        max_shard_size=args.max_shard_size,
+        per_expert=not args.fused,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+    )
+    print(f"autoep export: wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoep", description="Automatic expert parallelism for Hugging Face MoE models."
@@ -54,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     _add_inspect(sub)
     _add_verify(sub)
+    _add_export(sub)
     return parser
 
 

@@ -44,6 +44,10 @@ class FamilyAdapter:
     shared_gate_attr: str | None = None
     returns_router_scores: bool = False
     layout: Callable[[nn.Module, Any], ExpertLayout] = field(default=_swiglu_layout)
+    disk_experts: tuple[str, str, str] | None = None
+    """Per-expert checkpoint names of (gate, up, down), e.g. ``("w1", "w3", "w2")``; ``None``: stored fused."""
+    disk_block_name: str | None = None
+    """The block's name in checkpoints when it differs from the module's (Mixtral: ``block_sparse_moe``)."""
 
     def matches(self, module: nn.Module) -> bool:
         return type(module).__name__ in self.block_classes

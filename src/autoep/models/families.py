@@ -65,8 +65,18 @@ def _gpt_oss_layout(experts: Any, config: Any) -> ExpertLayout:
     return ExpertLayout("gpt_oss", alpha=float(experts.alpha), limit=float(experts.limit))
 
 
+# How transformers' save_pretrained (and most checkpoints on the Hub) store experts: one module per expert.
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+
 BUILTIN_FAMILIES = (
-    FamilyAdapter("mixtral", ("MixtralSparseMoeBlock",), _softmax_router(always_normalise=True), ("mixtral",)),
+    FamilyAdapter(
+        "mixtral",
+        ("MixtralSparseMoeBlock",),
+        _softmax_router(always_normalise=True),
+        ("mixtral",),
+        disk_experts=("w1", "w3", "w2"),
+        disk_block_name="block_sparse_moe",
+    ),
     FamilyAdapter(
         "qwen2_moe",
         ("Qwen2MoeSparseMoeBlock",),
@@ -74,10 +84,16 @@ BUILTIN_FAMILIES = (
         ("qwen2_moe",),
         shared_attr="shared_expert",
         shared_gate_attr="shared_expert_gate",
+        disk_experts=_PROJ,
     ),
-    FamilyAdapter("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _softmax_router(), ("qwen3_moe",)),
+    FamilyAdapter("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _softmax_router(), ("qwen3_moe",), disk_experts=_PROJ),
     FamilyAdapter(
-        "deepseek_v2", ("DeepseekV2Moe",), _deepseek_v2_router, ("deepseek_v2",), shared_attr="shared_experts"
+        "deepseek_v2",
+        ("DeepseekV2Moe",),
+        _deepseek_v2_router,
+        ("deepseek_v2",),
+        shared_attr="shared_experts",
+        disk_experts=_PROJ,
     ),
     FamilyAdapter(
         "deepseek_v3",
@@ -85,8 +101,9 @@ BUILTIN_FAMILIES = (
         _sigmoid_grouped_router,
         ("deepseek_v3", "kimi_k2"),
         shared_attr="shared_experts",
+        disk_experts=_PROJ,
     ),
-    FamilyAdapter("olmoe", ("OlmoeSparseMoeBlock",), _softmax_router(), ("olmoe",)),
+    FamilyAdapter("olmoe", ("OlmoeSparseMoeBlock",), _softmax_router(), ("olmoe",), disk_experts=_PROJ),
     FamilyAdapter(
         "gpt_oss",
         ("GptOssMLP",),
@@ -96,7 +113,14 @@ BUILTIN_FAMILIES = (
         returns_router_scores=True,
         layout=_gpt_oss_layout,
     ),
-    FamilyAdapter("glm4_moe", ("Glm4MoeMoE",), _sigmoid_grouped_router, ("glm4_moe",), shared_attr="shared_experts"),
+    FamilyAdapter(
+        "glm4_moe",
+        ("Glm4MoeMoE",),
+        _sigmoid_grouped_router,
+        ("glm4_moe",),
+        shared_attr="shared_experts",
+        disk_experts=_PROJ,
+    ),
 )
 
 for _adapter in BUILTIN_FAMILIES:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autoep.checkpoint import load_checkpoint, save_checkpoint
+from autoep.checkpoint import from_pretrained, load_checkpoint, save_checkpoint
 from autoep.config import AutoEPConfig
 from autoep.models.loading import load_model
 from autoep.models.tiny import is_tiny_model_name
@@ -87,9 +87,12 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     config = job.config
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.seed)
-    model = load_model(job.model, seed=config.seed).to(_device())
+    if is_tiny_model_name(job.model):
+        model = load_model(job.model, seed=config.seed).to(_device())
+        parallelize(model, config)
+    else:  # a HF directory: each rank reads only its own slices
+        model = from_pretrained(job.model, config)
     model.train()
-    parallelize(model, config)
     dims = model.autoep.dims
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(job.warmup_steps, job.steps), job.steps))

@@ -1,0 +1,122 @@
+"""`autoep.from_pretrained`: build on the meta device, shard, then read only this rank's slices.
+
+Parameters are created on the meta device (buffers stay real: they are small
+and some, like rotary frequencies, are computed at construction), the model is
+converted and sharded by `parallelize`, each rank allocates only its own
+shards, and fills them from memory-mapped safetensors: a rank reads its own
+experts and its FSDP rows of every dense tensor, nothing else. Both the fused
+transformers-5 layout and per-expert checkpoints load; dtypes are cast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from autoep.checkpoint.hf_layout import block_layouts, disk_shape, read_from_disk
+from autoep.checkpoint.safetensors_io import SafetensorsSource
+from autoep.config import AutoEPConfig
+from autoep.errors import CheckpointError
+from autoep.parallelize import parallelize
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every ``nn.Parameter`` on the meta device (buffers stay where they are made)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate this rank's shards of a meta-initialised model, keeping the real buffers' values."""
+    real_buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in real_buffers.items():
+            model.get_buffer(name).copy_(value)
+
+
+def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
+    """The slice of the global tensor this rank holds (everything for a plain tensor)."""
+    if not isinstance(tensor, DTensor):
+        return tuple(slice(0, n) for n in tensor.shape)
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def _tied_sources(model: nn.Module) -> dict[str, str]:
+    tied = getattr(model, "_tied_weights_keys", None)
+    config = model.config.get_text_config()
+    if not getattr(config, "tie_word_embeddings", False) or not isinstance(tied, dict):
+        return {}
+    return dict(tied)
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Fill every tensor of ``model``'s state dict (this rank's slice of it) from a HF directory."""
+    source = SafetensorsSource(directory)
+    layouts = block_layouts(model)
+    tied = _tied_sources(model)
+    state = model.state_dict()
+    problems, missing = [], []
+    for key, tensor in state.items():
+        found = disk_shape(tied.get(key, key) if not source.has(key) else key, source, layouts)
+        if found is None:
+            missing.append(key)
+        elif tuple(found) != tuple(tensor.shape):
+            problems.append(f"{key}: file {list(found)}, model {list(tensor.shape)}")
+    if missing or problems:
+        parts = [f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}"] if missing else []
+        parts += [f"shape mismatch {problems[:6]}"] if problems else []
+        raise CheckpointError(f"{directory} does not fit the model: " + "; ".join(parts))
+    for key, tensor in state.items():
+        name = key if (source.has(key) or key not in tied) else tied[key]
+        data = read_from_disk(name, local_index(tensor), source, layouts)
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        local.copy_(data.to(local.dtype))
+
+
+def from_pretrained(path: str | os.PathLike, config: AutoEPConfig, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a HF MoE model directory straight into the expert-parallel, sharded layout of ``config``.
+
+    Call on every rank of an initialised process group. Returns the
+    parallelized model (see :func:`autoep.parallelize`); ``dtype`` defaults to
+    the checkpoint's ``torch_dtype`` (or fp32).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+    hf_config = AutoConfig.from_pretrained(path)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+    parallelize(model, config)
+    materialize(model, _device())
+    load_hf_weights(model, path)
+    return model
