@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -12,6 +13,7 @@ from autoep.convert import ConversionReport, convert, validate_conversion
 from autoep.errors import ConfigError
 from autoep.parallel.fsdp import apply_fsdp
 from autoep.parallel.groups import Meshes, build_meshes
+from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
 
 
 @dataclass
@@ -33,15 +35,19 @@ def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> Paralle
     return dims
 
 
-def parallelize(model: nn.Module, config: AutoEPConfig) -> nn.Module:
+def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = True) -> nn.Module:
     """Convert ``model``'s MoE blocks to expert parallelism and apply ZeRO (FSDP2), in place.
 
     Needs an initialised default process group (``torchrun`` or `autoep train`).
     Builds the dense (``dp``) and expert (``ep`` x ``edp``) meshes, converts,
     optionally enables activation checkpointing, and shards with the stage
-    mapping of docs/zero.md and expert gradients divided by ``dp``. Returns the
+    mapping of docs/training.md and expert gradients divided by ``dp``. Returns the
     same model object, now an FSDP module, with ``model.autoep`` describing
     the layout.
+
+    A model built on the meta device is accepted: each rank then allocates only
+    its own shards and, with ``init_meta``, initialises them deterministically
+    (the same global weights for any layout; seed ``config.seed``).
     """
     if not dist.is_initialized():
         raise ConfigError("autoep.parallelize needs torch.distributed: launch with `autoep train` or torchrun")
@@ -53,5 +59,9 @@ def parallelize(model: nn.Module, config: AutoEPConfig) -> nn.Module:
             raise ConfigError(f"{type(model).__name__} does not support activation checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_fsdp(model, config, dims, meshes)
+    if has_meta_parameters(model):
+        materialize(model, torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+        if init_meta:
+            init_deterministic_(model, seed=config.seed)
     model.autoep = ParallelState(config, dims, meshes, report)
     return model

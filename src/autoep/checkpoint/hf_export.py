@@ -25,6 +25,7 @@ from autoep.checkpoint.hf_layout import BlockLayout, block_layouts, split_for_di
 from autoep.checkpoint.manager import full_tensor, read_metadata, resolve_checkpoint
 from autoep.checkpoint.safetensors_io import ShardWriter
 from autoep.errors import CheckpointError
+from autoep.parallel.fsdp import reshard_all
 
 HF_CONFIG = "hf_config.json"
 
@@ -81,6 +82,7 @@ def export_hf(
     rank = dist.get_rank() if dist.is_initialized() else 0
     layouts = block_layouts(model) if per_expert else []
     skip = _tied_keys(model)
+    reshard_all(model)
     staging = _prepare_dir(out_dir) if rank == 0 else None
     writer = ShardWriter(staging, parse_size(max_shard_size)) if rank == 0 else None
     items = [(k, v) for k, v in model.state_dict().items() if k not in skip]

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -43,21 +42,6 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original
-
-
-def _device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate this rank's shards of a meta-initialised model, keeping the real buffers' values."""
-    real_buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, value in real_buffers.items():
-            model.get_buffer(name).copy_(value)
 
 
 def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
@@ -116,7 +100,6 @@ def from_pretrained(path: str | os.PathLike, config: AutoEPConfig, *, dtype: tor
     hf_config = AutoConfig.from_pretrained(path)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
-    parallelize(model, config)
-    materialize(model, _device())
+    parallelize(model, config, init_meta=False)  # allocates this rank's shards; the weights come next
     load_hf_weights(model, path)
     return model

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from autoep.errors import CheckpointError
+from autoep.parallel.fsdp import reshard_all
 
 LATEST = "latest"
 META_FILE = "autoep.json"
@@ -152,6 +153,7 @@ def save_checkpoint(
             shutil.rmtree(debris, ignore_errors=True)
         partial.mkdir()
     _barrier()
+    reshard_all(model)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     with _single_process_is_fine():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
@@ -276,6 +278,7 @@ def load_checkpoint(
     saved = read_metadata(step_dir)
     check_compatible(model, saved, step_dir)
     verify_files(step_dir)
+    reshard_all(model)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     try:

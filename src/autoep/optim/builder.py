@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from autoep.config import AutoEPConfig
+from autoep.parallel.fsdp import reshard_all
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -40,6 +41,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, config: AutoEPConfig) -> torch.optim.Optimizer:
     """The optimizer ``config.optimizer`` describes (AdamW), fused on CUDA and foreach elsewhere."""
+    reshard_all(model)  # the optimizer must hold the sharded parameters
     params = dict(config.optimizer.params)
     weight_decay = float(params.pop("weight_decay", 0.0))
     if "betas" in params:

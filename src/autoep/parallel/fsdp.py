@@ -25,6 +25,20 @@ from autoep.moe.layer import MoELayer
 from autoep.parallel.groups import Meshes
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Put every FSDP unit back in its sharded state.
+
+    With ``reshard_after_forward=False`` (ZeRO 0-2), a forward without backward
+    (evaluation under ``no_grad``) leaves the unsharded parameters registered
+    on the modules. Anything that captures parameter objects or reads the
+    state dict (an optimizer, a checkpoint, an export) must see the sharded
+    ones, or its updates and reads go to buffers FSDP discards.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a HF model (by ``_no_split_modules``), the unit of FSDP wrapping."""
     names = set(getattr(model, "_no_split_modules", None) or [])
