@@ -125,3 +125,30 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path, args, expected) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_train_from_a_hf_directory_then_export(tmp_path: Path) -> None:
+    """`--model DIR` loads per-rank slices; `--save-every` + `autoep export` round-trips to transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autoep.models.tiny import build_tiny_model
+
+    build_tiny_model("tiny-olmoe", seed=2).save_pretrained(tmp_path / "olmoe")
+    out = tmp_path / "run"
+    result = autoep_cmd(
+        "train", "--model", str(tmp_path / "olmoe"), "--steps", "3", "--save-every", "3",
+        "--seq-len", "32", "--micro-batch", "2", "--output", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    exported = autoep_cmd("export", str(out / "checkpoints"), str(tmp_path / "hf"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "olmoe")
+    moved = [
+        (a - b).abs().max().item()
+        for a, b in zip(trained.state_dict().values(), original.state_dict().values(), strict=True)
+    ]
+    assert max(moved) > 1e-4  # three AdamW steps changed the weights
+    with torch.no_grad():
+        assert torch.isfinite(trained(torch.tensor([[1, 2, 3]])).logits).all()

@@ -19,7 +19,7 @@ class SafetensorsSource:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self._handles: dict[str, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         index = self.directory / INDEX
         if index.is_file():
             try:
@@ -32,33 +32,34 @@ class SafetensorsSource:
                 raise CheckpointError(f"no .safetensors weights in {str(self.directory)!r}")
             weight_map = {}
             for file in files:
-                for key in self._open(file.name).keys():
-                    weight_map[key] = file.name
+                with self._open(file.name) as handle:
+                    weight_map.update(dict.fromkeys(handle.keys(), file.name))
         self.weight_map: dict[str, str] = weight_map
 
     def _open(self, name: str):
-        handle = self._handles.get(name)
-        if handle is None:
-            path = self.directory / name
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as err:
-                raise CheckpointError(f"{path} is missing, truncated or not a safetensors file: {err}") from None
-            self._handles[name] = handle
-        return handle
+        """A fresh handle per use: the file's mapping, and the pages a read touched, go away with it."""
+        path = self.directory / name
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as err:
+            raise CheckpointError(f"{path} is missing, truncated or not a safetensors file: {err}") from None
 
     def has(self, key: str) -> bool:
         return key in self.weight_map
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[key]).get_slice(key).get_shape())
+        if key not in self._shapes:
+            with self._open(self.weight_map[key]) as handle:
+                self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+        return self._shapes[key]
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
-        view = self._open(self.weight_map[key]).get_slice(key)
-        try:
-            return view[index] if index else view[:]
-        except Exception as err:
-            raise CheckpointError(f"could not read {key} from {self.weight_map[key]}: {err}") from None
+        with self._open(self.weight_map[key]) as handle:
+            view = handle.get_slice(key)
+            try:
+                return view[index] if index else view[:]  # an owned copy: valid after the handle closes
+            except Exception as err:
+                raise CheckpointError(f"could not read {key} from {self.weight_map[key]}: {err}") from None
 
 
 class ShardWriter:
