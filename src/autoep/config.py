@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoep.errors import ConfigError
 
@@ -33,11 +33,37 @@ class MixedPrecisionConfig(BaseModel):
     reduce_dtype: DType = "float32"
 
 
+_ADAMW_PARAMS = {"lr", "betas", "eps", "weight_decay"}
+_MUON_PARAMS = {
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "ns_steps",
+    "ns_method",
+    "ns_dtype",
+    "update_scale",
+    "adamw_lr",
+    "adamw_betas",
+    "adamw_eps",
+    "adamw_weight_decay",
+    "adamw_params",
+}
+
+
 class OptimizerConfig(BaseModel):
-    """Optimizer type and its keyword arguments (``lr``, ``betas``, ``eps``, ``weight_decay``)."""
+    """Optimizer type and its keyword arguments.
+
+    AdamW: ``lr``, ``betas``, ``eps``, ``weight_decay``. Muon: ``lr``,
+    ``momentum``, ``nesterov``, ``weight_decay``, ``ns_steps``, ``ns_method``
+    (``standard``/``gram``), ``ns_dtype`` (``float32``/``bfloat16``),
+    ``update_scale`` (``moonlight``/``spectral``/``none``), and for the AdamW
+    part ``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``,
+    ``adamw_params`` (extra name globs sent to AdamW).
+    """
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["AdamW"] = "AdamW"
+    type: Literal["AdamW", "Muon"] = "AdamW"
     params: dict[str, Any] = Field(default_factory=lambda: {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0})
 
     @field_validator("type", mode="before")
@@ -46,19 +72,24 @@ class OptimizerConfig(BaseModel):
         if isinstance(value, str) and value.lower() in ("adamw", "adam"):
             return "AdamW"
         if isinstance(value, str) and value.lower() == "muon":
-            raise ValueError("Muon is not available yet (it arrives with the Muon work); use AdamW")
+            return "Muon"
         return value
 
-    @field_validator("params")
-    @classmethod
-    def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"lr", "betas", "eps", "weight_decay"}
-        unknown = sorted(set(params) - allowed)
+    @model_validator(mode="after")
+    def _check_params(self) -> OptimizerConfig:
+        allowed = _MUON_PARAMS if self.type == "Muon" else _ADAMW_PARAMS
+        unknown = sorted(set(self.params) - allowed)
         if unknown:
-            raise ValueError(f"unknown AdamW parameter(s) {unknown}; known: {sorted(allowed)}")
-        if "lr" in params and not float(params["lr"]) > 0:
-            raise ValueError(f"lr must be > 0, got {params['lr']}")
-        return params
+            raise ValueError(f"unknown {self.type} parameter(s) {unknown}; known: {sorted(allowed)}")
+        for key in ("lr", "adamw_lr"):
+            if key in self.params and not float(self.params[key]) > 0:
+                raise ValueError(f"{key} must be > 0, got {self.params[key]}")
+        choices = {"ns_method": ("standard", "gram"), "ns_dtype": ("float32", "bfloat16")}
+        choices["update_scale"] = ("moonlight", "spectral", "none")
+        for key, options in choices.items():
+            if key in self.params and self.params[key] not in options:
+                raise ValueError(f"{key} must be one of {list(options)}, got {self.params[key]!r}")
+        return self
 
 
 @dataclass(frozen=True)

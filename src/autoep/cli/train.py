@@ -42,7 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default: 1)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default: {DEFAULTS['lr']})")
-    g.add_argument("--optimizer", choices=["adamw"], help="optimizer (default: adamw)")
+    g.add_argument(
+        "--optimizer",
+        choices=["adamw", "muon"],
+        help="adamw, or muon (Muon for matrices and per-expert stacks, AdamW for the rest; default: adamw)",
+    )
     g.add_argument("--clip", type=float, help="global gradient-norm clipping; 0 disables (default: 1.0)")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters in forward/backward, fp32 reductions")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
@@ -98,8 +102,10 @@ def build_config(args: argparse.Namespace):
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = True
     optimizer = dict(base["optimizer"])
-    if args.optimizer:
-        optimizer["type"] = args.optimizer
+    if args.optimizer and args.optimizer.lower() != optimizer["type"].lower():
+        optimizer = {"type": args.optimizer, "params": {"lr": optimizer["params"].get("lr", DEFAULTS["lr"])}}
+        if args.optimizer == "muon":  # Moonlight scaling makes Muon's lr interchangeable with AdamW's
+            optimizer["params"].update(weight_decay=0.1, update_scale="moonlight")
     if args.lr is not None:
         optimizer["params"] = {**optimizer["params"], "lr": args.lr}
     return AutoEPConfig.create(**{**base, **overrides, "optimizer": optimizer})

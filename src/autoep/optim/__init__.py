@@ -1,5 +1,6 @@
-"""Optimizers for converted, sharded MoE models."""
+"""Optimizers for converted, sharded MoE models: AdamW and Muon."""
 
-from autoep.optim.builder import build_optimizer, param_groups
+from autoep.optim.builder import build_optimizer, muon_split, param_groups
+from autoep.optim.muon import Muon
 
-__all__ = ["build_optimizer", "param_groups"]
+__all__ = ["Muon", "build_optimizer", "muon_split", "param_groups"]

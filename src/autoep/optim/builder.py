@@ -1,4 +1,4 @@
-"""`build_optimizer`: AdamW with weight-decay groups, safe for mixed DTensor meshes.
+"""`build_optimizer`: AdamW or Muon, with weight-decay groups, safe for mixed DTensor meshes.
 
 Parameters are grouped by (weight decay or not, device mesh): biases and
 norm weights (fewer than 2 dims) get no weight decay, and dense and expert
@@ -9,13 +9,18 @@ model gives the same groups as on the converted, sharded one.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from autoep.config import AutoEPConfig
+from autoep.errors import ConfigError
+from autoep.moe.layer import MoELayer
+from autoep.optim.muon import Muon, check_muon_placements
 from autoep.parallel.fsdp import reshard_all
 
 
@@ -39,9 +44,89 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def _gate_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes of router gates and shared-expert gates, converted or not."""
+    from autoep.convert import find_moe_blocks
+
+    prefixes = []
+    for path, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            attrs = (module.spec.router_attr, module.spec.shared_gate_attr)
+            prefixes += [f"{path}.{attr}." for attr in attrs if attr]
+    if not prefixes:
+        for path, block, adapter in find_moe_blocks(model):
+            attrs = (adapter.router_attr, adapter.shared_gate_attr)
+            prefixes += [f"{path}.{attr}." for attr in attrs if attr and hasattr(block, attr)]
+    return prefixes
+
+
+def muon_split(model: nn.Module, adamw_patterns: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Names of the parameters Muon updates, and of those AdamW updates.
+
+    AdamW: fewer than 2 dims (norms, biases), input and output embeddings, router
+    and shared-expert gates, and names matching ``adamw_patterns`` (globs).
+    Everything else must be a matrix or an ``[E, A, B]`` expert stack with dim-0
+    sharding; anything else raises a :class:`ConfigError` that lists it.
+    """
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            embeddings |= {id(p) for p in module.parameters()}
+    gates = _gate_prefixes(model)
+    muon, adamw, problems = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if (
+            param.ndim < 2
+            or id(param) in embeddings
+            or any(name.startswith(prefix) for prefix in gates)
+            or any(fnmatch.fnmatch(name, pattern) for pattern in adamw_patterns)
+        ):
+            adamw.append(name)
+            continue
+        problem = check_muon_placements(param)
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+        muon.append(name)
+    if problems:
+        raise ConfigError(
+            "Muon cannot update these parameters as configured: "
+            + "; ".join(problems)
+            + ". Route them to AdamW with optimizer.params.adamw_params (glob patterns)."
+        )
+    return muon, adamw
+
+
+def _build_muon(model: nn.Module, params: dict[str, Any]) -> Muon:
+    params = dict(params)
+    patterns = tuple(params.pop("adamw_params", ()))
+    muon_names, adamw_names = muon_split(model, patterns)
+    named = dict(model.named_parameters())
+    if "ns_dtype" in params:
+        params["ns_dtype"] = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params["ns_dtype"]]
+    if "adamw_betas" in params:
+        params["adamw_betas"] = tuple(params["adamw_betas"])
+    params.setdefault("adamw_lr", params.get("lr", 0.02))
+    groups = [{"params": [named[n] for n in muon_names], "use_muon": True}]
+    groups.append({"params": [named[n] for n in adamw_names], "use_muon": False})
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(
+            f"autoep: Muon updates {len(muon_names)} tensors "
+            f"({sum(named[n].numel() for n in muon_names):,} parameters); AdamW updates "
+            f"{len(adamw_names)} ({sum(named[n].numel() for n in adamw_names):,}): embeddings, head, norms, "
+            "biases, router gates",
+            flush=True,
+        )
+    return Muon(groups, **params)
+
+
 def build_optimizer(model: nn.Module, config: AutoEPConfig) -> torch.optim.Optimizer:
-    """The optimizer ``config.optimizer`` describes (AdamW), fused on CUDA and foreach elsewhere."""
+    """The optimizer ``config.optimizer`` describes: AdamW (fused on CUDA, foreach elsewhere) or Muon."""
     reshard_all(model)  # the optimizer must hold the sharded parameters
+    if config.optimizer.type == "Muon":
+        return _build_muon(model, config.optimizer.params)
     params = dict(config.optimizer.params)
     weight_decay = float(params.pop("weight_decay", 0.0))
     if "betas" in params:
