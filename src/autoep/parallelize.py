@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -12,7 +11,7 @@ from autoep.config import AutoEPConfig, ParallelDims
 from autoep.convert import ConversionReport, convert, validate_conversion
 from autoep.errors import ConfigError
 from autoep.parallel.fsdp import apply_fsdp
-from autoep.parallel.groups import Meshes, build_meshes
+from autoep.parallel.groups import Meshes, build_meshes, local_device
 from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
 
 
@@ -60,7 +59,7 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_fsdp(model, config, dims, meshes)
     if has_meta_parameters(model):
-        materialize(model, torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+        materialize(model, local_device())
         if init_meta:
             init_deterministic_(model, seed=config.seed)
     model.autoep = ParallelState(config, dims, meshes, report)

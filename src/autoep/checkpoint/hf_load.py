@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from autoep.checkpoint.hf_layout import block_layouts, disk_shape, read_from_disk
 from autoep.checkpoint.safetensors_io import SafetensorsSource
 from autoep.config import AutoEPConfig
 from autoep.errors import CheckpointError
+from autoep.parallel.materialize import local_index
 from autoep.parallelize import parallelize
 
 
@@ -42,14 +42,6 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original
-
-
-def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
-    """The slice of the global tensor this rank holds (everything for a plain tensor)."""
-    if not isinstance(tensor, DTensor):
-        return tuple(slice(0, n) for n in tensor.shape)
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
 def _tied_sources(model: nn.Module) -> dict[str, str]:

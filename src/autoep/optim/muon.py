@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adamw import adamw
 
 from autoep.optim.newton_schulz import NSMethod, orthogonalize
+from autoep.parallel.materialize import local_index
 
 UpdateScale = Literal["moonlight", "spectral", "none"]
 
@@ -53,13 +54,7 @@ def _orthogonalize_param_update(update: torch.Tensor, steps: int, method: NSMeth
     if update.ndim == 3 or all(isinstance(p, Replicate) for p in update.placements):
         # Whole experts (dim 0 is the only sharded one) or a full replica: local work only.
         return orthogonalize(local, steps, method, dtype)
-    full = update.full_tensor()
-    ortho = orthogonalize(full, steps, method, dtype)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(update.shape, update.device_mesh, update.placements)
-    index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-    return ortho[index]
+    return orthogonalize(update.full_tensor(), steps, method, dtype)[local_index(update)]
 
 
 def check_muon_placements(param: torch.Tensor) -> str | None:

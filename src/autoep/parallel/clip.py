@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
+from autoep.moe.experts import local_tensor
+
 
 def _replication(t: torch.Tensor) -> int:
     if isinstance(t, DTensor):
@@ -28,18 +30,14 @@ def _replication(t: torch.Tensor) -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 @torch.no_grad()
 def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     """L2 norm of all gradients as if the model were in one process (fp32)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    device = _local(grads[0]).device if grads else torch.device("cpu")
+    device = local_tensor(grads[0]).device if grads else torch.device("cpu")
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for grad in grads:
-        total_sq += _local(grad).float().pow(2).sum() / _replication(grad)
+        total_sq += local_tensor(grad).float().pow(2).sum() / _replication(grad)
     if dist.is_initialized():
         dist.all_reduce(total_sq)
     return total_sq.sqrt()
@@ -55,7 +53,7 @@ def clip_grad_norm_(model_or_params: nn.Module | Iterable[nn.Parameter], max_nor
     params = list(model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params)
     norm = global_grad_norm(params)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    local_grads = [_local(p.grad) for p in params if p.grad is not None]
+    local_grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if local_grads:
         torch._foreach_mul_(local_grads, scale.to(local_grads[0].device))
     return norm

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -19,6 +20,13 @@ from autoep.config import ParallelDims
 def mesh_device_type() -> str:
     """``cuda`` under NCCL, else ``cpu`` (gloo)."""
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def local_device() -> torch.device:
+    """This rank's device: its GPU under NCCL, else the CPU."""
+    if mesh_device_type() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def build_expert_mesh(ep_size: int) -> DeviceMesh:

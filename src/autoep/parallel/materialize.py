@@ -40,14 +40,23 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                 init_module(module)
 
 
+def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
+    """The slice of the global tensor this rank holds (everything for a plain tensor)."""
+    if not isinstance(tensor, DTensor):
+        return tuple(slice(0, n) for n in tensor.shape)
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
 def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(local tensor, first global row, number of local rows) of a dim-0 sharded or plain tensor."""
-    if not isinstance(tensor, DTensor):
-        return tensor, 0, tensor.shape[0] if tensor.ndim else 1
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    if any(o != 0 for o in offset[1:]) or tuple(shape[1:]) != tuple(tensor.shape[1:]):
+    if tensor.ndim == 0:
+        return tensor, 0, 1
+    index = local_index(tensor)
+    if any(s.start != 0 or s.stop != n for s, n in zip(index[1:], tensor.shape[1:], strict=True)):
         raise NotImplementedError("deterministic init supports dim-0 sharding only")
-    return tensor.to_local(), offset[0], shape[0]
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local, index[0].start, index[0].stop - index[0].start
 
 
 def _kind(name: str, tensor: torch.Tensor) -> str:

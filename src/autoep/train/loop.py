@@ -17,6 +17,7 @@ from autoep.config import AutoEPConfig
 from autoep.models.loading import load_model
 from autoep.models.tiny import is_tiny_model_name
 from autoep.optim import build_optimizer
+from autoep.parallel.groups import local_device
 from autoep.parallelize import parallelize
 from autoep.train.data import TokenBatches, builtin_corpus, read_text, tokenize
 from autoep.train.metrics import MetricsLog, Progress, expert_load, imbalance
@@ -76,19 +77,13 @@ def _truncate_metrics(path: Path, keep_through: int) -> None:
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def run_training(job: TrainJob) -> dict[str, Any]:
     """Train on this rank (the default process group must be initialised); returns the summary."""
     config = job.config
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.seed)
     if is_tiny_model_name(job.model):
-        model = load_model(job.model, seed=config.seed).to(_device())
+        model = load_model(job.model, seed=config.seed).to(local_device())
         parallelize(model, config)
     else:  # a HF directory: each rank reads only its own slices
         model = from_pretrained(job.model, config)
@@ -118,7 +113,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     progress = Progress(job.steps, enabled=is_main, log_every=job.log_every, initial=start)
     last = min(job.steps, job.stop_at) if job.stop_at else job.steps
     tokens_per_step = dims.dp * config.gradient_accumulation_steps * config.micro_batch_size * job.seq_len
-    device = _device()
+    device = local_device()
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     for step in range(start, last):
