@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoep.errors import ConfigError
+from autoep.moe.balance import BalanceConfig
 
 DType = Literal["float32", "bfloat16"]
 
@@ -131,6 +132,7 @@ class AutoEPConfig(BaseModel):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     micro_batch_size: int = Field(1, ge=1)
     seed: int = 0
+    load_balancing: BalanceConfig = Field(default_factory=BalanceConfig)
 
     @field_validator("tp_size")
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -11,8 +11,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from autoep.errors import AlreadyConvertedError, ConfigError, UnsupportedModelError
+from autoep.load_balance import install_loss_hook
 from autoep.models import adapter_for, registered_families
 from autoep.models.base import FamilyAdapter
+from autoep.models.hf_outputs import capture_router_logits
+from autoep.moe.balance import BalanceConfig
 from autoep.moe.experts import GemmBackend
 from autoep.moe.layer import MoELayer
 from autoep.moe.spec import MoESpec
@@ -202,14 +205,34 @@ def plan_conversion(model: nn.Module, ep_size: int = 1, *, world_size: int | Non
 
 
 @torch.no_grad()
-def _build_layer(spec: MoESpec, block: nn.Module, ep_mesh: DeviceMesh | None, backend: GemmBackend) -> MoELayer:
+def _build_layer(
+    spec: MoESpec,
+    block: nn.Module,
+    ep_mesh: DeviceMesh | None,
+    backend: GemmBackend,
+    balance: BalanceConfig,
+    stats_group: dist.ProcessGroup | None,
+) -> MoELayer:
     shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
     act_fn = getattr(block.experts, "act_fn", None)
     source_router = getattr(block, spec.router_attr)
     device = source_router.weight.device
+    added_bias = balance.updates_bias and not spec.router.use_correction_bias
+    if added_bias:  # aux-loss-free balancing needs a selection bias; start it at 0 (routing unchanged)
+        spec = replace(spec, router=replace(spec.router, use_correction_bias=True))
     with torch.device(device):
-        layer = MoELayer(spec, ep_mesh=ep_mesh, shared=shared, shared_gate=shared_gate, act_fn=act_fn, backend=backend)
+        layer = MoELayer(
+            spec,
+            ep_mesh=ep_mesh,
+            shared=shared,
+            shared_gate=shared_gate,
+            act_fn=act_fn,
+            backend=backend,
+            balance=balance,
+            stats_group=stats_group,
+        )
+    layer.added_selection_bias = added_bias
     layer.to(dtype=block.experts.gate_up_proj.dtype)
     start, end = layer.expert_start, layer.expert_end
     for name in _EXPERT_TENSORS:
@@ -227,7 +250,8 @@ def _build_layer(spec: MoESpec, block: nn.Module, ep_mesh: DeviceMesh | None, ba
     if router.bias is not None:
         router.bias.copy_(source_router.bias)
     if router.e_score_correction_bias is not None:
-        router.e_score_correction_bias.copy_(source_router.e_score_correction_bias)
+        source_bias = getattr(source_router, "e_score_correction_bias", None)
+        router.e_score_correction_bias.copy_(source_bias if source_bias is not None else 0.0)
     layer.train(block.training)
     return layer
 
@@ -238,6 +262,8 @@ def convert(
     *,
     ep_group: dist.ProcessGroup | DeviceMesh | None = None,
     backend: GemmBackend = "auto",
+    balance: BalanceConfig | None = None,
+    stats_group: dist.ProcessGroup | None = None,
 ) -> ConversionReport:
     """Replace every MoE block of ``model`` in place by an expert-parallel :class:`MoELayer`.
 
@@ -248,6 +274,11 @@ def convert(
     computes what the original computes. State-dict keys are unchanged; with
     ep > 1 expert tensors are DTensors of the global shape ``[E, ...]``
     sharded over the EP ranks, each rank holding its own experts.
+
+    ``balance`` sets the load-balancing losses, capacity and bias updates (off
+    by default); ``stats_group`` is the data-parallel group the global aux loss
+    reduces over (default: the whole world). Models that return
+    ``router_logits`` (``output_router_logits=True``) keep doing so.
     """
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if ep_size > 1 and world_size == 1 and ep_group is None:
@@ -265,9 +296,15 @@ def convert(
         else:
             ep_mesh = DeviceMesh.from_group(ep_group, mesh_device_type())
     report = ConversionReport(ep_size=ep_size, ep_rank=ep_mesh.get_local_rank() if ep_mesh is not None else 0)
+    balance = balance or BalanceConfig()
+    replaced: list[tuple[nn.Module, MoELayer]] = []
     for path, block, spec in described:
-        layer = _build_layer(spec, block, ep_mesh, backend)
+        layer = _build_layer(spec, block, ep_mesh, backend, balance, stats_group)
         parent_path, _, child = path.rpartition(".")
         model.get_submodule(parent_path).register_module(child, layer)
         report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))
+        replaced.append((getattr(block, spec.router_attr), layer.router_module))
+    capture_router_logits(model, replaced)
+    if balance.enabled_losses:
+        install_loss_hook(model)
     return report

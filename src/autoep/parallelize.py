@@ -52,7 +52,8 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
         raise ConfigError("autoep.parallelize needs torch.distributed: launch with `autoep train` or torchrun")
     dims = validate(model, config, dist.get_world_size())
     meshes = build_meshes(dims, config.zero_stage)
-    report = convert(model, config.ep_size, ep_group=meshes.ep)
+    # stats_group None = the world, which is the data-parallel group while tp = 1.
+    report = convert(model, config.ep_size, ep_group=meshes.ep, balance=config.load_balancing)
     if config.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{type(model).__name__} does not support activation checkpointing")

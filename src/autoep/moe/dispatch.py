@@ -2,8 +2,8 @@
 
 Both dispatchers hand the expert stage the same thing: rows ``x_ND``, and per
 row the local expert id and combine weight of each of its k choices
-(``local_ids_NK``, ``weights_NK``; a choice owned by another rank carries the
-sentinel id ``E_local`` and weight 0).
+(``local_ids_NK``, ``weights_NK``; a choice owned by another rank, or dropped
+by capacity (global id ``E``), carries the sentinel id ``E_local`` and weight 0).
 
 With expert parallelism a token is sent to a rank once, however many of its k
 experts live there: the receiving rank applies and sums them locally and sends
@@ -59,9 +59,11 @@ class AllToAllDispatcher:
         E_local, R = self.num_local_experts, self.ep_size
         T = x_TD.shape[0]
         with torch.no_grad():
+            # Dropped choices (id E, past the last expert) map to a phantom rank R that is never sent to.
             rank_TK = torch.div(indices_TK, E_local, rounding_mode="floor")
-            hit_TR = torch.zeros(T, R, dtype=torch.bool, device=x_TD.device)
+            hit_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=x_TD.device)
             hit_TR.scatter_(1, rank_TK, True)
+            hit_TR = hit_TR[:, :R]
             # One row per (destination rank, token), ordered by rank then token.
             rank_N, token_N = hit_TR.t().nonzero(as_tuple=True)
             send_counts_R = hit_TR.sum(dim=0)

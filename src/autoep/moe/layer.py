@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from autoep.moe import balance as bal
+from autoep.moe.capacity import apply_capacity
 from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from autoep.moe.experts import GemmBackend, GroupedExperts
-from autoep.moe.router import TopKRouter
+from autoep.moe.load_stats import LayerLoadStats
+from autoep.moe.router import RouterOutput, TopKRouter
 from autoep.moe.spec import MoESpec
 
 
@@ -22,6 +26,12 @@ class MoELayer(nn.Module):
     Child modules are registered under the original block's names (``gate``/
     ``router``, ``experts``, ``shared_experts``...), so the state dict keys of a
     converted model equal the original's.
+
+    In training mode the layer also computes its balancing losses
+    (``balance_losses``, consumed by :func:`autoep.load_balance.balancing_loss`)
+    and accumulates routed/dropped counts in ``load_stats``. The global aux loss
+    sums counts over ``stats_group`` (default: the whole world, which is the
+    data-parallel group while tp = 1).
     """
 
     def __init__(
@@ -33,9 +43,13 @@ class MoELayer(nn.Module):
         shared_gate: nn.Module | None = None,
         act_fn: nn.Module | None = None,
         backend: GemmBackend = "auto",
+        balance: bal.BalanceConfig | None = None,
+        stats_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.balance = balance or bal.BalanceConfig()
+        self.stats_group = stats_group
         ep_size = 1 if ep_mesh is None else ep_mesh.size()
         ep_rank = 0 if ep_mesh is None else ep_mesh.get_local_rank()
         self.ep_mesh = ep_mesh if ep_size > 1 else None
@@ -61,6 +75,9 @@ class MoELayer(nn.Module):
         else:
             self.dispatcher = LocalDispatcher(self.num_local_experts)
         self.tokens_per_expert: torch.Tensor | None = None
+        self.added_selection_bias = False  # set by convert: the family has no e_score_correction_bias of its own
+        self.load_stats = LayerLoadStats(spec.num_experts)
+        self.balance_losses: dict[str, torch.Tensor] = {}
 
     # Accessors under fixed names: the children themselves carry the family's names.
     @property
@@ -82,7 +99,20 @@ class MoELayer(nn.Module):
             noise = self.spec.jitter_noise
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - noise, 1.0 + noise)
         routed = self.router_module(x_TD)
-        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, routed.weights_TK, routed.indices_TK)
+        indices_TK, weights_TK, dropped_E = routed.indices_TK, routed.weights_TK, None
+        if self.balance.capacity_factor is not None:
+            indices_TK, weights_TK, dropped_E = apply_capacity(
+                indices_TK,
+                weights_TK,
+                self._priority(routed),
+                self.spec.num_experts,
+                self.balance.capacity_factor,
+                self.balance.drop_policy,
+            )
+        self.balance_losses = {}
+        if self.training:
+            self._balance(routed, shape, dropped_E)
+        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
         y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK)
         out_TD = self.dispatcher.combine(y_ND, state)
         shared = self.shared_module
@@ -96,6 +126,47 @@ class MoELayer(nn.Module):
         if self.spec.returns_router_scores:
             return out, routed.weights_TK.to(hidden_states.dtype)
         return out
+
+    def _priority(self, routed: RouterOutput) -> torch.Tensor:
+        """Routing probability of each choice, the order the ``probs`` drop policy keeps."""
+        logits_TE = routed.logits_TE.detach()
+        scores_TE = torch.sigmoid(logits_TE) if self.spec.router.scoring == "sigmoid" else logits_TE.softmax(-1)
+        return scores_TE.gather(1, routed.indices_TK)
+
+    def _balance(self, routed: RouterOutput, shape: torch.Size, dropped_E: torch.Tensor | None) -> None:
+        """Balancing losses of this forward (with autograd when their coefficient is set) and load counts.
+
+        The switch aux loss and the z-loss are always measured (for metrics);
+        autograd records them only when some balancing loss is on.
+        """
+        cfg = self.balance
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.enabled_losses)):
+            losses, counts_E = self._measure(routed, shape)
+        self.balance_losses = {name: value for name, value in losses.items() if cfg.coef(name) > 0}
+        self.load_stats.record(counts_E, dropped_E, losses)
+
+    def _measure(self, routed: RouterOutput, shape: torch.Size) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        cfg, E, K = self.balance, self.spec.num_experts, self.spec.router.top_k
+        logits_TE, indices_TK = routed.logits_TE, routed.indices_TK
+        T = logits_TE.shape[0]
+        counts_E = bal.expert_counts(indices_TK, E)
+        probs_TE = bal.routing_probs(logits_TE, self.spec.router.scoring)
+        losses = {"aux_loss": bal.switch_aux_loss(probs_TE, counts_E, T, K), "z_loss": bal.z_loss(logits_TE)}
+        if cfg.seq_aux_loss_coef > 0:
+            B = shape[0] if len(shape) == 3 else 1
+            losses["seq_aux_loss"] = bal.sequence_aux_loss(probs_TE.view(B, -1, E), indices_TK.view(B, -1, K))
+        if cfg.global_aux_loss_coef > 0:
+            losses["global_aux_loss"] = bal.switch_aux_loss(probs_TE, *self._global_counts(counts_E, T), K)
+        return losses, counts_E
+
+    @torch.no_grad()
+    def _global_counts(self, counts_E: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, int]:
+        """Counts and token total summed over the data-parallel group (one all-reduce)."""
+        if not dist.is_initialized():
+            return counts_E, num_tokens
+        packed = torch.cat([counts_E, counts_E.new_tensor([num_tokens])])
+        dist.all_reduce(packed, group=self.stats_group)
+        return packed[:-1], int(packed[-1])
 
     def _apply_local_experts(
         self, x_ND: torch.Tensor, local_NK: torch.Tensor, weights_NK: torch.Tensor

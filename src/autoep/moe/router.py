@@ -32,8 +32,10 @@ class RouterConfig:
         group is scored (``max`` score for DeepSeek-V2, sum of the two best for
         DeepSeek-V3), and only the best ``topk_group`` groups stay eligible.
     use_correction_bias:
-        A per-expert bias (``e_score_correction_bias``) added to the scores for
-        expert *selection only*; the combine weights use the unbiased scores.
+        A per-expert bias (``e_score_correction_bias``) added to the scores (the
+        logits for ``topk_softmax``) for expert *selection only*; the combine
+        weights use the unbiased scores. Native in DeepSeek-V3 and GLM-4-MoE;
+        added to any family when aux-loss-free balancing is on.
     routed_scaling_factor:
         Multiplies the final combine weights.
     """
@@ -98,8 +100,11 @@ class TopKRouter(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         logits_TE = F.linear(x_TD.float(), self.weight.float(), bias)
         if cfg.scoring == "topk_softmax":
-            top_logits_TK, indices_TK = torch.topk(logits_TE, cfg.top_k, dim=-1)
-            weights_TK = torch.softmax(top_logits_TK, dim=-1)
+            with torch.no_grad():
+                bias_E = self.e_score_correction_bias
+                choice_TE = logits_TE if bias_E is None else logits_TE + bias_E
+                indices_TK = torch.topk(choice_TE, cfg.top_k, dim=-1).indices
+            weights_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
         else:
             scores_TE = torch.softmax(logits_TE, dim=-1) if cfg.scoring == "softmax" else torch.sigmoid(logits_TE)
             indices_TK = self._select(scores_TE)

@@ -14,13 +14,14 @@ import torch.distributed as dist
 
 from autoep.checkpoint import from_pretrained, load_checkpoint, save_checkpoint
 from autoep.config import AutoEPConfig
+from autoep.load_balance import moe_layers
 from autoep.models.loading import load_model
 from autoep.models.tiny import is_tiny_model_name
 from autoep.optim import build_optimizer
 from autoep.parallel.groups import local_device
 from autoep.parallelize import parallelize
 from autoep.train.data import TokenBatches, builtin_corpus, read_text, tokenize
-from autoep.train.metrics import MetricsLog, Progress, expert_load, imbalance
+from autoep.train.metrics import MetricsLog, Progress, load_record
 from autoep.train.step import train_step
 
 
@@ -109,7 +110,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             print(f"resumed from {state.path} at step {start}", flush=True)
     log = MetricsLog(output / "metrics.jsonl" if output is not None and is_main else None)
     if output is not None and is_main:
-        (output / "config.json").write_text(json.dumps(job.describe(), indent=2))
+        described = {**job.describe(), "moe_layers": [path for path, _ in moe_layers(model)]}
+        (output / "config.json").write_text(json.dumps(described, indent=2))
     progress = Progress(job.steps, enabled=is_main, log_every=job.log_every, initial=start)
     last = min(job.steps, job.stop_at) if job.stop_at else job.steps
     tokens_per_step = dims.dp * config.gradient_accumulation_steps * config.micro_batch_size * job.seq_len
@@ -124,21 +126,20 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         ]
         result = train_step(model, optimizer, micro, max_grad_norm=config.gradient_clipping)
         scheduler.step()
-        load = expert_load(model)
         step_time = time.perf_counter() - t0
         record = {
             "step": step + 1,
             "loss": result.loss,
+            "lm_loss": result.lm_loss,
             "grad_norm": result.grad_norm,
             "lr": optimizer.param_groups[0]["lr"],
             "tokens_per_s": tokens_per_step / step_time,
             "step_time_s": step_time,
-            "expert_imbalance": imbalance(load),
-            "expert_load": load.tolist(),
+            **load_record(result.load, model, capacity=config.load_balancing.capacity_factor is not None),
         }
         history.append(record)
         log.write(record)
-        progress.update(step + 1, result.loss, record["tokens_per_s"], record["expert_imbalance"])
+        progress.update(step + 1, result.loss, record["tokens_per_s"], record.get("expert_imbalance", 1.0))
         done = step + 1
         if job.save_every and job.checkpoint_root and (done % job.save_every == 0 or done == last):
             save_checkpoint(
@@ -165,7 +166,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "final_loss": sum(r["loss"] for r in history[-window:]) / window if history else None,
         "tokens_per_s": tokens_per_step * len(history) / max(elapsed, 1e-9),
         "seconds": elapsed,
-        "final_expert_imbalance": history[-1]["expert_imbalance"] if history else None,
+        "final_expert_imbalance": history[-1].get("expert_imbalance") if history else None,
         "output": str(output) if output else None,
     }
     if output is not None and is_main:

@@ -1,4 +1,4 @@
-"""Step metrics: expert load across ranks, JSONL logging, and the progress display."""
+"""Step metrics: the expert-load record, JSONL logging, and the progress display."""
 
 from __future__ import annotations
 
@@ -7,40 +7,31 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
-from autoep.moe.layer import MoELayer
+from autoep.load_balance import StepLoadStats, expert_bias, moe_layers
 
 
-@torch.no_grad()
-def expert_load(model: nn.Module) -> torch.Tensor:
-    """``[layers, E]`` routed (token, expert) pairs of the last forward, summed over all ranks.
-
-    Each assignment is processed by exactly one rank, so one all-reduce of the
-    locally placed counts gives the global per-expert load.
-    """
-    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.tokens_per_expert is not None]
-    if not layers:
-        return torch.zeros(0, 0)
-    counts = torch.zeros(len(layers), layers[0].spec.num_experts, dtype=torch.float64)
-    for row, layer in enumerate(layers):
-        counts[row, layer.expert_start : layer.expert_end] = layer.tokens_per_expert.to("cpu", torch.float64)
-    if dist.is_initialized():
-        device = layers[0].tokens_per_expert.device
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
-    return counts
-
-
-def imbalance(counts_LE: torch.Tensor) -> float:
-    """Worst layer's max/mean tokens per expert (1.0 is perfectly balanced)."""
-    if counts_LE.numel() == 0:
-        return 1.0
-    mean = counts_LE.mean(dim=1).clamp(min=1e-9)
-    return float((counts_LE.max(dim=1).values / mean).max())
+def load_record(stats: StepLoadStats | None, model: nn.Module, capacity: bool) -> dict[str, Any]:
+    """The expert-load part of a step's metrics record (see docs/load-balancing.md for the fields)."""
+    if stats is None:
+        return {}
+    record: dict[str, Any] = {
+        "expert_imbalance": stats.imbalance,
+        "expert_load": stats.routed_LE.long().tolist(),
+        **stats.mean_losses(),
+    }
+    layers = {"imbalance": stats.imbalance_L.tolist()}
+    layers.update({name: values.tolist() for name, values in stats.losses.items()})
+    if capacity:
+        record["expert_dropped"] = stats.dropped_LE.long().tolist()
+        record["dropped_fraction"] = stats.dropped_fraction
+        layers["dropped_fraction"] = stats.dropped_fraction_L.tolist()
+    bias = expert_bias(model) if any(layer.balance.updates_bias for _, layer in moe_layers(model)) else None
+    if bias is not None:
+        record["expert_bias"] = bias.tolist()
+    record["layers"] = layers
+    return record
 
 
 class MetricsLog:
