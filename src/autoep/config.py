@@ -174,7 +174,8 @@ class AutoEPConfig(BaseModel):
         autoep_size}``, ``tensor_parallel.autotp_size``, ``bf16.enabled``,
         ``gradient_accumulation_steps``, ``gradient_clipping``,
         ``optimizer.{type, params}``, ``train_micro_batch_size_per_gpu``,
-        ``activation_checkpointing`` and ``seed``. Every other key is listed in
+        ``activation_checkpointing``, ``seed`` and autoep's own ``load_balancing``
+        section (the fields of :class:`BalanceConfig`). Every other key is listed in
         one :class:`AutoEPWarning` and ignored. ``overrides`` win over the file.
         """
         raw = _load_json(source)
@@ -224,6 +225,7 @@ _TOP_LEVEL_KEYS = {
     "train_micro_batch_size_per_gpu",
     "activation_checkpointing",
     "seed",
+    "load_balancing",
 }
 
 
@@ -257,6 +259,8 @@ def _fields_from_deepspeed(raw: dict[str, Any]) -> tuple[dict[str, Any], list[st
     ]:
         if ds_key in raw:
             fields[key] = raw[ds_key]
+    if "load_balancing" in raw:  # autoep's own section (see docs/load-balancing.md)
+        fields["load_balancing"] = raw["load_balancing"]
     if raw.get("activation_checkpointing"):
         fields["activation_checkpointing"] = True
     if "optimizer" in raw:

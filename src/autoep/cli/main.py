@@ -1,4 +1,4 @@
-"""``autoep`` entry point: subcommands ``train``, ``inspect`` and ``verify``.
+"""``autoep`` entry point: subcommands ``train``, ``inspect``, ``verify``, ``export`` and ``report``.
 
 Errors autoep raises on purpose (:class:`~autoep.errors.AutoEPError`) print as
 one line on stderr and exit with status 2; no traceback.
@@ -81,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autoep", description="Automatic expert parallelism for Hugging Face MoE models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from autoep.cli import train
+    from autoep.cli import report, train
 
     train.add_parser(sub)
     _add_inspect(sub)
     _add_verify(sub)
     _add_export(sub)
+    report.add_parser(sub)
     return parser
 
 

@@ -15,6 +15,16 @@ from typing import Any
 from autoep.errors import AutoEPError
 
 DEFAULTS = {"ep_size": 2, "zero_stage": 3, "micro_batch_size": 4, "lr": 1e-3}
+_BALANCE_FLAGS = (
+    "aux_loss_coef",
+    "seq_aux_loss_coef",
+    "global_aux_loss_coef",
+    "z_loss_coef",
+    "bias_update_rate",
+    "bias_update_rule",
+    "capacity_factor",
+    "drop_policy",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +61,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 parameters in forward/backward, fp32 reductions")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--seed", type=int, help="seed for weights of built-in models and data order (default: 0)")
+    g = p.add_argument_group("load balancing (override --config's load_balancing; all off by default)")
+    g.add_argument("--aux-loss-coef", type=float, help="switch-style aux loss per micro-batch")
+    g.add_argument("--seq-aux-loss-coef", type=float, help="DeepSeek-V3 sequence-wise aux loss")
+    g.add_argument("--global-aux-loss-coef", type=float, help="aux loss with expert counts summed over all ranks")
+    g.add_argument("--z-loss-coef", type=float, help="router z-loss")
+    g.add_argument("--bias-update-rate", type=float, help="aux-loss-free balancing: selection-bias step per update")
+    g.add_argument(
+        "--bias-update-rule",
+        choices=["sign", "sign_centered"],
+        help="DeepSeek-V3 sign rule or Moonlight's mean-centred one (default: sign)",
+    )
+    g.add_argument(
+        "--capacity-factor", type=float, help="cap each expert at factor*T*K/E assignments (default: dropless)"
+    )
+    g.add_argument(
+        "--drop-policy", choices=["probs", "position"], help="which over-capacity assignments go (default: probs)"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output", help="run directory for metrics.jsonl, config.json, summary.json (default: runs/...)")
     g.add_argument("--log-every", type=int, default=10, help="log line interval when not on a terminal")
@@ -101,6 +128,11 @@ def build_config(args: argparse.Namespace):
         overrides["mixed_precision"] = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = True
+    balance = dict(base["load_balancing"])
+    for key in _BALANCE_FLAGS:
+        if getattr(args, key, None) is not None:
+            balance[key] = getattr(args, key)
+    overrides["load_balancing"] = balance
     optimizer = dict(base["optimizer"])
     if args.optimizer and args.optimizer.lower() != optimizer["type"].lower():
         optimizer = {"type": args.optimizer, "params": {"lr": optimizer["params"].get("lr", DEFAULTS["lr"])}}

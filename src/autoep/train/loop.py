@@ -23,6 +23,7 @@ from autoep.parallelize import parallelize
 from autoep.train.data import TokenBatches, builtin_corpus, read_text, tokenize
 from autoep.train.metrics import MetricsLog, Progress, load_record
 from autoep.train.step import train_step
+from autoep.train.tensorboard import TensorBoardLog
 
 
 @dataclass
@@ -109,9 +110,12 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             _truncate_metrics(output / "metrics.jsonl", keep_through=start)
             print(f"resumed from {state.path} at step {start}", flush=True)
     log = MetricsLog(output / "metrics.jsonl" if output is not None and is_main else None)
+    layer_names = [path for path, _ in moe_layers(model)]
     if output is not None and is_main:
-        described = {**job.describe(), "moe_layers": [path for path, _ in moe_layers(model)]}
-        (output / "config.json").write_text(json.dumps(described, indent=2))
+        (output / "config.json").write_text(json.dumps({**job.describe(), "moe_layers": layer_names}, indent=2))
+    # TensorBoard event files next to metrics.jsonl whenever the tensorboard package is installed.
+    use_board = output is not None and is_main and TensorBoardLog.available()
+    board = TensorBoardLog(output / "tensorboard" if use_board else None, layer_names=layer_names)
     progress = Progress(job.steps, enabled=is_main, log_every=job.log_every, initial=start)
     last = min(job.steps, job.stop_at) if job.stop_at else job.steps
     tokens_per_step = dims.dp * config.gradient_accumulation_steps * config.micro_batch_size * job.seq_len
@@ -139,6 +143,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         }
         history.append(record)
         log.write(record)
+        board.write(record)
         progress.update(step + 1, result.loss, record["tokens_per_s"], record.get("expert_imbalance", 1.0))
         done = step + 1
         if job.save_every and job.checkpoint_root and (done % job.save_every == 0 or done == last):
@@ -152,6 +157,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             )
     progress.close()
     log.close()
+    board.close()
     elapsed = time.perf_counter() - started
     window = max(1, min(10, len(history) // 5))
     summary = {
