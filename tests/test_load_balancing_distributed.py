@@ -4,8 +4,10 @@
   step, equal a single-process reference on the unconverted model whose
   losses are written out from their definitions: switch and z-loss per
   rank, sequence loss per sequence, global loss with counts over both ranks.
-  Covered at ZeRO-2 (DeepSeek-V3, sigmoid routing, all four losses) and at
-  ZeRO-3 with 2 accumulated micro-batches (Mixtral, softmax routing).
+  Covered at ZeRO-2 (DeepSeek-V3, sigmoid routing, all four losses), at
+  ZeRO-3 with 2 accumulated micro-batches (Mixtral, softmax routing) and at
+  ZeRO-3 with activation checkpointing (Qwen3-MoE): recomputed forwards must
+  neither count tokens twice nor skip the global all-reduce.
 * The aux-loss-free bias update uses the counts of both ranks and leaves the
   bias identical on every rank.
 * Capacity drops at ep 2 equal the drops of one process on the same rank-local
@@ -30,8 +32,12 @@ from autoep.train import train_step
 WORLD, SEQ = 2, 8
 COEFS_A = {"aux_loss_coef": 0.3, "seq_aux_loss_coef": 0.2, "global_aux_loss_coef": 0.5, "z_loss_coef": 0.01}
 COEFS_B = {"aux_loss_coef": 0.3, "global_aux_loss_coef": 0.5, "z_loss_coef": 0.01}
-# (name, model, zero, rows per micro-batch per rank, micro-batches, coefficients)
-CASES = [("A", "tiny-deepseek-v3", 2, 2, 1, COEFS_A), ("B", "tiny-mixtral", 3, 1, 2, COEFS_B)]
+# (name, model, zero, rows per micro-batch per rank, micro-batches, coefficients, activation checkpointing)
+CASES = [
+    ("A", "tiny-deepseek-v3", 2, 2, 1, COEFS_A, False),
+    ("B", "tiny-mixtral", 3, 1, 2, COEFS_B, False),
+    ("C", "tiny-qwen3-moe", 3, 2, 1, COEFS_A, True),  # recomputed forwards redo the global all-reduce
+]
 
 
 def global_batch(vocab: int, rows: int, seed: int = 7) -> torch.Tensor:
@@ -42,11 +48,17 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def _exact_step(model_name: str, zero: int, micro: int, accum: int, coefs: dict) -> dict:
+def _exact_step(model_name: str, zero: int, micro: int, accum: int, coefs: dict, checkpointing: bool) -> dict:
     """One SGD(lr=1) step: the parameter change is minus the gradient."""
     rank = dist.get_rank()
     model = build_tiny_model(model_name, seed=1)
-    config = autoep.AutoEPConfig(ep_size=2, zero_stage=zero, micro_batch_size=micro, load_balancing=coefs)
+    config = autoep.AutoEPConfig(
+        ep_size=2,
+        zero_stage=zero,
+        micro_batch_size=micro,
+        load_balancing=coefs,
+        activation_checkpointing=checkpointing,
+    )
     autoep.parallelize(model, config)
     before = full_params(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -132,7 +144,7 @@ def _switch(probs: torch.Tensor, indices: torch.Tensor, counts_from: torch.Tenso
     return (E * counts / (K * source.shape[0]) * probs.mean(0)).sum()
 
 
-def _reference(model_name: str, zero: int, micro: int, accum: int, coefs: dict) -> dict:
+def _reference(model_name: str, zero: int, micro: int, accum: int, coefs: dict, checkpointing: bool) -> dict:
     model = build_tiny_model(model_name, seed=1)
     captured = _capture_routers(model)
     sigmoid = model_name == "tiny-deepseek-v3"
@@ -162,14 +174,16 @@ def _reference(model_name: str, zero: int, micro: int, accum: int, coefs: dict) 
     return {"loss": float(total.detach()), "values": values, "grads": {n: p.grad for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize(("case", "model_name", "zero", "micro", "accum", "coefs"), CASES)
-def test_losses_and_gradients_equal_reference(results, case, model_name, zero, micro, accum, coefs) -> None:
-    want = _reference(model_name, zero, micro, accum, coefs)
+@pytest.mark.parametrize(("case", "model_name", "zero", "micro", "accum", "coefs", "checkpointing"), CASES)
+def test_losses_and_gradients_equal_reference(results, case, model_name, zero, micro, accum, coefs, checkpointing):
+    want = _reference(model_name, zero, micro, accum, coefs, checkpointing)
     got = results[0][case]
     for name in ("aux_loss", "z_loss", *(k.removesuffix("_coef") for k in coefs)):
         assert torch.allclose(got["losses"][name].float(), want["values"][name], atol=1e-5), name
         assert torch.allclose(results[1][case]["losses"][name], got["losses"][name])  # reported alike on ranks
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    tokens = WORLD * micro * accum * SEQ
+    assert got["routed"].sum(dim=1).tolist() == [2 * tokens] * got["routed"].shape[0]  # top-2, counted once
     assert got["loss"] - got["lm_loss"] > 0.1  # the balancing terms really were in the objective
     for name, grad in want["grads"].items():
         diff = (got["grads"][name] - grad).abs().max().item()
