@@ -56,7 +56,10 @@ def check_png(path: Path) -> tuple[int, int]:
 
 def test_report_on_a_real_training_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    trained = autoep_cmd("train", "--steps", "12", "--nproc-per-node", "2", "--output", str(run_dir), cwd=tmp_path)
+    trained = autoep_cmd(
+        "train", "--steps", "12", "--nproc-per-node", "2", "--output", str(run_dir),
+        "--capacity-factor", "1.0", "--bias-update-rate", "0.01", "--aux-loss-coef", "0.01", cwd=tmp_path,
+    )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-4000:]
     result = autoep_cmd("report", str(run_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -73,6 +76,12 @@ def test_report_on_a_real_training_run(tmp_path: Path) -> None:
         final = [max(r["expert_load"][layer]) / (sum(r["expert_load"][layer]) / 8) for r in records[-10:]]
         assert row["final_imbalance"] == pytest.approx(sum(final) / len(final), rel=1e-9)
         assert row["experts"] == 8 and row["min_share"] <= 1.0 <= row["max_share"]
+        dropped = sum(sum(r["expert_dropped"][layer]) for r in records[-10:])
+        assert row["dropped_fraction"] == pytest.approx(
+            dropped / sum(sum(r["expert_load"][layer]) for r in records[-10:])
+        )
+        assert row["dropped_fraction"] > 0  # tiny-mixtral is skewed: capacity 1.0 drops
+        assert row["bias_min"] < 0 < row["bias_max"]
         assert labels[layer] in result.stdout
     assert "final imbalance" in result.stdout
 

@@ -152,3 +152,29 @@ def test_train_from_a_hf_directory_then_export(tmp_path: Path) -> None:
     assert max(moved) > 1e-4  # three AdamW steps changed the weights
     with torch.no_grad():
         assert torch.isfinite(trained(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_added_selection_bias_trains_from_hf_and_is_left_out_of_export(tmp_path: Path) -> None:
+    """Mixtral has no selection bias: autoep adds one (0 at load), checkpoints it, export drops it with a warning."""
+    from safetensors import safe_open
+
+    from autoep.models.tiny import build_tiny_model
+
+    build_tiny_model("tiny-mixtral", seed=2).save_pretrained(tmp_path / "mixtral")
+    out = tmp_path / "run"
+    result = autoep_cmd(
+        "train", "--model", str(tmp_path / "mixtral"), "--steps", "3", "--save-every", "3", "--nproc-per-node", "2",
+        "--seq-len", "32", "--bias-update-rate", "0.05", "--output", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["expert_bias"] != records[-1]["expert_bias"]  # the bias moved
+    assert all(abs(v) <= 3 * 0.05 + 1e-6 for row in records[-1]["expert_bias"] for v in row)
+    exported = autoep_cmd("export", str(out / "checkpoints"), str(tmp_path / "hf"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "e_score_correction_bias" in exported.stderr  # the warning names what was left out
+    keys = set()
+    for shard in (tmp_path / "hf").glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            keys |= set(f.keys())
+    assert keys and not any("e_score_correction_bias" in k for k in keys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from autoep.checkpoint.hf_layout import BlockLayout, block_layouts, split_for_di
 from autoep.checkpoint.manager import full_tensor, read_metadata, resolve_checkpoint
 from autoep.checkpoint.safetensors_io import ShardWriter
 from autoep.errors import CheckpointError
+from autoep.load_balance import added_bias_keys
 from autoep.parallel.fsdp import reshard_all
 
 HF_CONFIG = "hf_config.json"
@@ -69,6 +71,22 @@ def _commit_dir(staging: Path, out_dir: Path) -> None:
         os.replace(staging, out_dir)
 
 
+def _warn_dropped(keys: set[str] | list[str]) -> None:
+    if keys:
+        warnings.warn(
+            f"not exported: {len(keys)} router selection bias(es) that autoep added for aux-loss-free balancing "
+            f"(e.g. {sorted(keys)[0]}); this family's Hugging Face model has no such tensor, so the exported "
+            "model routes without them",
+            stacklevel=3,
+        )
+
+
+def _added_keys(model: nn.Module) -> set[str]:
+    added = added_bias_keys(model)
+    _warn_dropped(added)
+    return added
+
+
 def export_hf(
     model: nn.Module, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB", per_expert: bool = True
 ) -> Path:
@@ -81,7 +99,7 @@ def export_hf(
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     layouts = block_layouts(model) if per_expert else []
-    skip = _tied_keys(model)
+    skip = _tied_keys(model) | _added_keys(model)
     reshard_all(model)
     staging = _prepare_dir(out_dir) if rank == 0 else None
     writer = ShardWriter(staging, parse_size(max_shard_size)) if rank == 0 else None
@@ -126,11 +144,14 @@ def export_checkpoint(
     layouts: list[BlockLayout] = block_layouts(skeleton) if per_expert else []
     skip = _tied_keys(skeleton)
     metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    keys = [
-        k
+    known = set(skeleton.state_dict())
+    saved = [
+        k[len("model.") :]
         for k, v in metadata.state_dict_metadata.items()
-        if k.startswith("model.") and isinstance(v, TensorStorageMetadata) and k[len("model.") :] not in skip
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
     ]
+    _warn_dropped([k for k in saved if k not in known and k.endswith("e_score_correction_bias")])
+    keys = [f"model.{k}" for k in saved if k not in skip and (k in known or not k.endswith("e_score_correction_bias"))]
     out_dir = Path(out_dir)
     staging = _prepare_dir(out_dir)
     writer = ShardWriter(staging, parse_size(max_shard_size))

@@ -23,6 +23,7 @@ from autoep.checkpoint.hf_layout import block_layouts, disk_shape, read_from_dis
 from autoep.checkpoint.safetensors_io import SafetensorsSource
 from autoep.config import AutoEPConfig
 from autoep.errors import CheckpointError
+from autoep.load_balance import added_bias_keys
 from autoep.parallel.materialize import local_index
 from autoep.parallelize import parallelize
 
@@ -59,6 +60,10 @@ def load_hf_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     layouts = block_layouts(model)
     tied = _tied_sources(model)
     state = model.state_dict()
+    for key in added_bias_keys(model) & state.keys():  # autoep's own selection biases start at 0
+        if not source.has(key):
+            local = state.pop(key)
+            (local.to_local() if isinstance(local, DTensor) else local).zero_()
     problems, missing = [], []
     for key, tensor in state.items():
         found = disk_shape(tied.get(key, key) if not source.has(key) else key, source, layouts)
