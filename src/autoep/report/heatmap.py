@@ -64,7 +64,7 @@ def plot_load(run: RunData, path: str | Path, window: int) -> Path:
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     cmap = "RdBu_r"
 
-    panel_h = min(3.0, max(1.1, 0.12 * E))
+    panel_h = min(3.0, max(1.4, 0.12 * E))
     final_h = min(6.0, max(1.6, 0.25 * L + 0.8))
     fig = plt.figure(figsize=(12, panel_h * L + final_h + 0.8), layout="constrained")
     grid = fig.add_gridspec(L + 1, 2 if bias is not None else 1, height_ratios=[panel_h] * L + [final_h])
@@ -75,7 +75,8 @@ def plot_load(run: RunData, path: str | Path, window: int) -> Path:
         ax = fig.add_subplot(grid[layer, :])
         mesh = ax.pcolormesh(edges, y_edges, share_CLE[:, layer].T.numpy(), cmap=cmap, norm=norm, shading="flat")
         ax.set_ylim(E - 0.5, -0.5)  # expert 0 on top, like the final panel's columns read left to right
-        ax.set_ylabel(f"{name}\nexpert", fontsize=8)
+        ax.set_title(name, loc="left", fontsize=8)  # a two-line y label would collide with the next panel's
+        ax.set_ylabel("expert", fontsize=8)
         if E <= 16:
             ax.set_yticks(range(E))
         ax.tick_params(labelsize=7)
