@@ -30,8 +30,8 @@ from torch import nn
 
 import autoep
 from autoep.load_balance import balancing_loss, step_load_balancing
-from autoep.models.tiny import tiny_config
 from autoep.moe.balance import BalanceConfig
+from moe_layer import build_block  # this folder's layer benchmark: the same Qwen3-MoE block
 
 CASES: dict[str, dict] = {
     "metrics only": {},
@@ -41,27 +41,6 @@ CASES: dict[str, dict] = {
     "capacity 1.25 position": {"capacity_factor": 1.25, "drop_policy": "position"},
     "bias update": {"bias_update_rate": 1e-3},
 }
-
-
-def build_model(args: argparse.Namespace, experts: int, dtype: torch.dtype) -> nn.Module:
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    config = tiny_config(
-        "tiny-qwen3-moe",
-        hidden_size=args.hidden,
-        moe_intermediate_size=args.inter,
-        num_experts=experts,
-        num_experts_per_tok=args.top_k,
-        norm_topk_prob=True,
-    )
-    torch.manual_seed(args.seed)
-    holder = nn.Module()
-    holder.config = config
-    holder.mlp = Qwen3MoeSparseMoeBlock(config)
-    with torch.no_grad():
-        for p in holder.mlp.parameters():
-            p.normal_(0, 0.02)
-    return holder.to(dtype)
 
 
 def one_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, bias: bool) -> float:
@@ -85,7 +64,7 @@ def one_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, bias: bool) 
 def run_case(tokens: int, experts: int, args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """Cases run round-robin, one step each per round in a rotating order, so machine noise hits them alike."""
     device = torch.device(args.device)
-    base = build_model(args, experts, dtype)
+    base = build_block(args.hidden, args.inter, experts, args.top_k, "eager", dtype, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, tokens // args.batch, args.hidden, generator=gen).to(device, dtype)
     grad = torch.randn(args.batch, tokens // args.batch, args.hidden, generator=gen).to(device, dtype)
