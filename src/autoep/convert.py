@@ -212,6 +212,7 @@ def _build_layer(
     backend: GemmBackend,
     balance: BalanceConfig,
     stats_group: dist.ProcessGroup | None,
+    fold_group: dist.ProcessGroup | None,
 ) -> MoELayer:
     shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
@@ -231,6 +232,7 @@ def _build_layer(
             backend=backend,
             balance=balance,
             stats_group=stats_group,
+            fold_group=fold_group,
         )
     layer.added_selection_bias = added_bias
     layer.to(dtype=block.experts.gate_up_proj.dtype)
@@ -264,6 +266,7 @@ def convert(
     backend: GemmBackend = "auto",
     balance: BalanceConfig | None = None,
     stats_group: dist.ProcessGroup | None = None,
+    fold_group: dist.ProcessGroup | None = None,
 ) -> ConversionReport:
     """Replace every MoE block of ``model`` in place by an expert-parallel :class:`MoELayer`.
 
@@ -277,7 +280,9 @@ def convert(
 
     ``balance`` sets the load-balancing losses, capacity and bias updates (off
     by default); ``stats_group`` is the data-parallel group the global aux loss
-    reduces over (default: the whole world). Models that return
+    reduces over (default: the whole world). ``fold_group`` folds the layers
+    over tensor-parallel peers, which must feed them identical tokens: each
+    dispatches its own share (see :class:`MoELayer`). Models that return
     ``router_logits`` (``output_router_logits=True``) keep doing so.
     """
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -287,6 +292,13 @@ def convert(
             f"{ep_size} ranks first (or launch with torchrun / `autoep train`)"
         )
     described = validate_conversion(model, ep_size, world_size, ep_group)
+    if fold_group is not None and dist.get_world_size(fold_group) > 1:
+        jittery = [path for path, _, spec in described if spec.jitter_noise > 0]
+        if jittery:
+            raise ConfigError(
+                f"router jitter noise (at {jittery[0]}) would give tensor-parallel peers different tokens; "
+                "set router_jitter_noise=0 to fold MoE layers over tp"
+            )
     ep_mesh = None
     if ep_size > 1:
         if ep_group is None:
@@ -299,7 +311,7 @@ def convert(
     balance = balance or BalanceConfig()
     replaced: list[tuple[nn.Module, MoELayer]] = []
     for path, block, spec in described:
-        layer = _build_layer(spec, block, ep_mesh, backend, balance, stats_group)
+        layer = _build_layer(spec, block, ep_mesh, backend, balance, stats_group, fold_group)
         parent_path, _, child = path.rpartition(".")
         model.get_submodule(parent_path).register_module(child, layer)
         report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))

@@ -14,6 +14,7 @@ from autoep.moe.experts import GemmBackend, GroupedExperts
 from autoep.moe.load_stats import LayerLoadStats
 from autoep.moe.router import RouterOutput, TopKRouter
 from autoep.moe.spec import MoESpec
+from autoep.parallel.fold import gather_lane_rows, lane_rows, take_lane_rows
 
 
 class MoELayer(nn.Module):
@@ -32,6 +33,12 @@ class MoELayer(nn.Module):
     and accumulates routed/dropped counts in ``load_stats``. The global aux loss
     sums counts over ``stats_group`` (default: the whole world, which is the
     data-parallel group while tp = 1).
+
+    With a ``fold_group`` (the tensor-parallel peers, which hold the same
+    tokens) the layer is folded: routing, balancing and shared experts run on
+    all tokens on every peer, but each peer dispatches only its share of the
+    tokens to the routed experts, and the shares are gathered back
+    (:mod:`autoep.parallel.fold`).
     """
 
     def __init__(
@@ -45,11 +52,13 @@ class MoELayer(nn.Module):
         backend: GemmBackend = "auto",
         balance: bal.BalanceConfig | None = None,
         stats_group: dist.ProcessGroup | None = None,
+        fold_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
         self.balance = balance or bal.BalanceConfig()
         self.stats_group = stats_group
+        self.fold_group = fold_group if fold_group is not None and dist.get_world_size(fold_group) > 1 else None
         ep_size = 1 if ep_mesh is None else ep_mesh.size()
         ep_rank = 0 if ep_mesh is None else ep_mesh.get_local_rank()
         self.ep_mesh = ep_mesh if ep_size > 1 else None
@@ -112,9 +121,7 @@ class MoELayer(nn.Module):
         self.balance_losses = {}
         if self.training:
             self._balance(routed, shape, dropped_E)
-        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
-        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK)
-        out_TD = self.dispatcher.combine(y_ND, state)
+        out_TD = self._routed_experts(x_TD, weights_TK, indices_TK)
         shared = self.shared_module
         if shared is not None:
             shared_TD = shared(x_TD)
@@ -126,6 +133,19 @@ class MoELayer(nn.Module):
         if self.spec.returns_router_scores:
             return out, routed.weights_TK.to(hidden_states.dtype)
         return out
+
+    def _routed_experts(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+        """Dispatch, run the experts, combine; folded, on this lane's rows only."""
+        group = self.fold_group
+        if group is not None:
+            T = x_TD.shape[0]
+            start, end = lane_rows(T, dist.get_rank(group), dist.get_world_size(group))
+            x_TD, weights_TK = take_lane_rows(x_TD, group), take_lane_rows(weights_TK, group)
+            indices_TK = indices_TK[start:end]
+        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
+        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK)
+        out_TD = self.dispatcher.combine(y_ND, state)
+        return out_TD if group is None else gather_lane_rows(out_TD, T, group)
 
     def _priority(self, routed: RouterOutput) -> torch.Tensor:
         """Routing probability of each choice, the order the ``probs`` drop policy keeps."""
