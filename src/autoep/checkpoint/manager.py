@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from autoep.errors import CheckpointError
@@ -154,7 +155,7 @@ def save_checkpoint(
         partial.mkdir()
     _barrier()
     reshard_all(model)
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=_OPTIONS)
     with _single_process_is_fine():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
     (partial / "rng").mkdir(exist_ok=True)
@@ -263,6 +264,17 @@ def verify_files(step_dir: Path) -> None:
             )
 
 
+# Optimizer hyperparameters are saved per parameter name, not per param group: groups
+# depend on the layout (one per device mesh), so a different ep / tp / ZeRO regroups them.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _flat_optimizer_state(step_dir: Path) -> bool:
+    """Whether the checkpoint keys optimizer hyperparameters by parameter name (older ones: by group index)."""
+    keys = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    return not any(re.match(r"optim\.param_groups\.\d+\.", key) for key in keys)
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> CheckpointState:
@@ -279,7 +291,8 @@ def load_checkpoint(
     check_compatible(model, saved, step_dir)
     verify_files(step_dir)
     reshard_all(model)
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    options = _OPTIONS if _flat_optimizer_state(step_dir) else StateDictOptions()
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=options)
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     try:
         with _single_process_is_fine():
@@ -287,7 +300,11 @@ def load_checkpoint(
     except Exception as err:  # DCP reports truncation and corruption in many shapes
         raise CheckpointError(f"checkpoint {step_dir} could not be read (truncated or corrupt?): {err}") from None
     set_state_dict(
-        model, optimizer if optimizer is not None else [], model_state_dict=model_sd, optim_state_dict=optim_sd
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=options,
     )
     rng_file = step_dir / "rng" / f"rank_{_rank():05d}.pt"
     if saved.get("layout", {}).get("world_size") == _world() and rng_file.is_file():

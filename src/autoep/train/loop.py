@@ -104,7 +104,16 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     start = 0
     if job.resume:
         state = load_checkpoint(job.checkpoint_root, model, optimizer)
-        scheduler.load_state_dict(state.extra["scheduler"])
+        # Per-group lists follow the optimizer's groups, which depend on the layout: take them
+        # from the restored optimizer (hyperparameters are saved per parameter), the step from the run.
+        groups = optimizer.param_groups
+        scheduler.load_state_dict(
+            {
+                **state.extra["scheduler"],
+                "base_lrs": [g["initial_lr"] for g in groups],
+                "_last_lr": [g["lr"] for g in groups],
+            }
+        )
         start = state.data_position
         if is_main:
             _truncate_metrics(output / "metrics.jsonl", keep_through=start)
@@ -125,7 +134,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     for step in range(start, last):
         t0 = time.perf_counter()
         micro = [
-            batches.batch(step, m, rank, config.gradient_accumulation_steps).to(device)
+            batches.batch(step, m, model.autoep.dp_rank, config.gradient_accumulation_steps).to(device)
             for m in range(config.gradient_accumulation_steps)
         ]
         result = train_step(model, optimizer, micro, max_grad_norm=config.gradient_clipping)
@@ -164,6 +173,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "model": job.model,
         "world_size": world,
         "ep": config.ep_size,
+        "tp": config.tp_size,
         "zero_stage": config.zero_stage,
         "steps": len(history),
         "first_step": start + 1,
