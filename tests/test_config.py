@@ -66,7 +66,7 @@ def test_unknown_keys_give_one_warning_listing_them() -> None:
     [
         ({"zero_optimization": {"stage": 4}}, "zero_stage"),
         ({"expert_parallel": {"enabled": True, "autoep_size": 0}}, "ep_size"),
-        ({"tensor_parallel": {"autotp_size": 2}}, "tensor parallelism"),
+        ({"tensor_parallel": {"autotp_size": 0}}, "tp_size"),
         ({"optimizer": {"type": "SGD"}}, "optimizer.type"),
         ({"optimizer": {"type": "AdamW", "params": {"lr": -1}}}, "lr must be > 0"),
         ({"optimizer": {"type": "AdamW", "params": {"momentum": 0.9}}}, "unknown AdamW parameter"),

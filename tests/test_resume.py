@@ -1,4 +1,9 @@
-"""Six steps straight equal three steps, a save, a load in fresh processes, and three more steps."""
+"""Six steps straight equal three steps, a save, a load in fresh processes, and three more steps.
+
+The split run may change layout at the save: ep and ZeRO stage, or tensor
+parallelism (the first half at tp 2 with dp 2 and twice the micro-batch, which
+is the same global batch as the straight run's dp 4, resumed at tp 1).
+"""
 
 from __future__ import annotations
 
@@ -41,13 +46,13 @@ def straight(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("resume_layout", "tol"),
-    [((), 1e-6), (("--ep", "4", "--zero", "1"), 1e-5)],
-    ids=["same-layout", "ep4-zero1"],
+    ("first_layout", "resume_layout", "tol"),
+    [((), (), 1e-6), ((), ("--ep", "4", "--zero", "1"), 1e-5), (("--tp", "2", "--micro-batch", "4"), (), 1e-5)],
+    ids=["same-layout", "ep4-zero1", "tp2-to-tp1"],
 )
-def test_resume_equals_straight_run(straight: Path, tmp_path: Path, resume_layout, tol: float) -> None:
+def test_resume_equals_straight_run(straight: Path, tmp_path: Path, first_layout, resume_layout, tol: float) -> None:
     out = tmp_path / "split"
-    train(out, "--stop-at", "3", "--save-every", "3")
+    train(out, "--stop-at", "3", "--save-every", "3", *first_layout)
     assert [s for s, _ in losses(out)] == [1, 2, 3]
     result = train(out, "--save-every", "3", "--resume", *resume_layout)
     assert "resumed from" in result.stdout and "step_00000003" in result.stdout

@@ -108,6 +108,7 @@ def test_inside_torchrun_uses_the_existing_processes(tmp_path: Path) -> None:
     [
         (("--config", "{bad}"), "stage"),
         (("--ep", "3"), "does not divide the world size 4"),
+        (("--model", "tiny-qwen3-moe", "--tp", "4"), "does not divide num_key_value_heads=2"),
         (("--nproc-per-node", "16", "--ep", "16"), "does not divide the 8 routed experts"),
         (("--data", "missing.txt"), "does not exist"),
         (("--model", "no-such-model"), "neither a built-in model"),

@@ -134,13 +134,6 @@ class AutoEPConfig(BaseModel):
     seed: int = 0
     load_balancing: BalanceConfig = Field(default_factory=BalanceConfig)
 
-    @field_validator("tp_size")
-    @classmethod
-    def _tp_not_yet(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("tensor parallelism (tp_size > 1, 'folding') is not available yet; use tp_size=1")
-        return value
-
     @field_validator("gradient_clipping")
     @classmethod
     def _zero_means_off(cls, value: float | None) -> float | None:

@@ -13,6 +13,7 @@ from autoep.errors import ConfigError
 from autoep.parallel.fsdp import apply_fsdp
 from autoep.parallel.groups import Meshes, build_meshes, local_device
 from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
+from autoep.parallel.tensor_parallel import TPPlan, apply_tensor_parallel, validate_tensor_parallel
 
 
 @dataclass
@@ -23,26 +24,41 @@ class ParallelState:
     dims: ParallelDims
     meshes: Meshes
     report: ConversionReport
+    tp_plan: TPPlan
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data shard this rank trains on (tensor-parallel peers share one)."""
+        return self.meshes.data.get_local_rank()
+
+    @property
+    def stats_group(self) -> dist.ProcessGroup | None:
+        """The ranks whose routing statistics add up to the global batch's (``None``: the world)."""
+        return self.meshes.data.get_group() if self.meshes.tp is not None else None
 
 
 def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> ParallelDims:
     """Every check `parallelize` makes before its first collective (rank-local, identical everywhere)."""
     dims = config.parallel_dims(world_size)
     validate_conversion(model, config.ep_size, world_size)
+    validate_tensor_parallel(model, config.tp_size)
     if config.cpu_offload and dist.is_initialized() and dist.get_backend() != "nccl":
         raise ConfigError("cpu_offload needs CUDA parameters; on a CPU-only job the parameters already live on CPU")
     return dims
 
 
 def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = True) -> nn.Module:
-    """Convert ``model``'s MoE blocks to expert parallelism and apply ZeRO (FSDP2), in place.
+    """Convert ``model``'s MoE blocks to expert parallelism, shard the dense path over
+    ``tp`` and apply ZeRO (FSDP2), in place.
 
     Needs an initialised default process group (``torchrun`` or `autoep train`).
-    Builds the dense (``dp``) and expert (``ep`` x ``edp``) meshes, converts,
-    optionally enables activation checkpointing, and shards with the stage
-    mapping of docs/training.md and expert gradients divided by ``dp``. Returns the
-    same model object, now an FSDP module, with ``model.autoep`` describing
-    the layout.
+    Builds the dense (``dp`` x ``tp``) and expert (``edp`` x ``ep``) meshes,
+    converts (folding the MoE layers over ``tp``), applies the family's
+    tensor-parallel plan (:mod:`autoep.parallel.tensor_parallel`), optionally
+    enables activation checkpointing, and shards with the stage mapping of
+    docs/training.md and expert gradients divided by ``dp``. Returns the same
+    model object, now an FSDP module, with ``model.autoep`` describing the
+    layout.
 
     A model built on the meta device is accepted: each rank then allocates only
     its own shards and, with ``init_meta``, initialises them deterministically
@@ -52,8 +68,19 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
         raise ConfigError("autoep.parallelize needs torch.distributed: launch with `autoep train` or torchrun")
     dims = validate(model, config, dist.get_world_size())
     meshes = build_meshes(dims, config.zero_stage)
-    # stats_group None = the world, which is the data-parallel group while tp = 1.
-    report = convert(model, config.ep_size, ep_group=meshes.ep, balance=config.load_balancing)
+    # Tensor-parallel peers see the same tokens: their MoE layers fold, and routing statistics
+    # reduce over one lane of every data shard (the world while tp = 1).
+    tp_group = meshes.tp.get_group() if meshes.tp is not None else None
+    stats_group = meshes.data.get_group() if meshes.tp is not None else None
+    report = convert(
+        model,
+        config.ep_size,
+        ep_group=meshes.ep,
+        balance=config.load_balancing,
+        stats_group=stats_group,
+        fold_group=tp_group,
+    )
+    tp_plan = apply_tensor_parallel(model, meshes.tp) if meshes.tp is not None else TPPlan()
     if config.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{type(model).__name__} does not support activation checkpointing")
@@ -63,5 +90,5 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
         materialize(model, local_device())
         if init_meta:
             init_deterministic_(model, seed=config.seed)
-    model.autoep = ParallelState(config, dims, meshes, report)
+    model.autoep = ParallelState(config, dims, meshes, report, tp_plan)
     return model

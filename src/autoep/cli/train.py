@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("parallelism and recipe (override --config)")
     g.add_argument("--config", help="DeepSpeed-style JSON config (zero stage, expert_parallel, bf16, optimizer...)")
     g.add_argument("--ep", type=int, help=f"expert-parallel size (default: {DEFAULTS['ep_size']})")
+    g.add_argument(
+        "--tp", type=int, help="tensor-parallel size of the dense path; MoE layers fold over it (default: 1)"
+    )
     g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help=f"ZeRO stage (default: {DEFAULTS['zero_stage']})")
     g.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     g.add_argument(
@@ -116,6 +119,7 @@ def build_config(args: argparse.Namespace):
         key: value
         for key, value in {
             "ep_size": args.ep,
+            "tp_size": args.tp,
             "zero_stage": args.zero,
             "micro_batch_size": args.micro_batch,
             "gradient_accumulation_steps": args.grad_accum,
@@ -166,6 +170,7 @@ def _validate(args: argparse.Namespace, config, world: int | None) -> None:
 
     from autoep.convert import plan_conversion
     from autoep.models.loading import build_meta_model
+    from autoep.parallel.tensor_parallel import validate_tensor_parallel
 
     for name, value in (("--steps", args.steps), ("--seq-len", args.seq_len), ("--log-every", args.log_every)):
         if value < 1:
@@ -189,6 +194,7 @@ def _validate(args: argparse.Namespace, config, world: int | None) -> None:
     if world is not None:
         config.parallel_dims(world)
         plan_conversion(meta, config.ep_size, world_size=world)
+        validate_tensor_parallel(meta, config.tp_size)
 
 
 def _worker(job) -> dict[str, Any]:
@@ -204,10 +210,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if not summary["steps"]:
         print(f"autoep train: nothing to do, the run is already at step {summary['last_step']}")
         return
+    tp = f", tp={summary['tp']}" if summary.get("tp", 1) > 1 else ""
     print(
         f"autoep train: steps {summary['first_step']}-{summary['last_step']} of {summary['model']} "
         f"on {summary['world_size']} ranks "
-        f"(ep={summary['ep']}, zero={summary['zero_stage']}) in {summary['seconds']:.1f}s\n"
+        f"(ep={summary['ep']}{tp}, zero={summary['zero_stage']}) in {summary['seconds']:.1f}s\n"
         f"  loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
         f"{summary['tokens_per_s']:,.0f} tokens/s, final expert imbalance {summary['final_expert_imbalance']:.2f}"
         + (f"\n  metrics: {summary['output']}/metrics.jsonl" if summary.get("output") else "")

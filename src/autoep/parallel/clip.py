@@ -3,8 +3,9 @@
 Every parameter element must count once in the norm. Sharded placements
 (FSDP's ``Shard``/``_StridedShard``, the expert dimension over EP) already
 split elements between ranks; a ``Replicate`` placement (ZeRO-0) holds the
-same elements on each rank of that mesh dimension, so its local sum of
-squares is divided by the replication factor. One all-reduce over the world
+same elements on each rank of that mesh dimension, and a mesh that covers
+only part of the world (one tensor-parallel lane) repeats on the other
+lanes, so its local sum of squares is divided by the replication factor. One all-reduce over the world
 then yields the exact global norm, whatever mixture of meshes the model uses.
 """
 
@@ -22,12 +23,15 @@ from autoep.moe.experts import local_tensor
 
 
 def _replication(t: torch.Tensor) -> int:
+    """How many ranks of the world hold each of ``t``'s local elements."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if isinstance(t, DTensor):
-        return math.prod(
-            t.device_mesh.size(i) for i, placement in enumerate(t.placements) if isinstance(placement, Replicate)
-        )
+        # A mesh smaller than the world (one tensor-parallel lane's dp mesh) repeats on the other lanes.
+        mesh = t.device_mesh
+        repeats = world // mesh.size()
+        return repeats * math.prod(mesh.size(i) for i, p in enumerate(t.placements) if isinstance(p, Replicate))
     # A plain tensor in a distributed job is a full replica on every rank.
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return world
 
 
 @torch.no_grad()

@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renames all_gather_into_tensor (deprecated) to all_gather_single.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def lane_rows(num_rows: int, lane: int, lanes: int) -> tuple[int, int]:
     """``[start, end)`` of lane ``lane``'s rows: contiguous blocks of ``ceil(T / lanes)``, the last one short."""
@@ -36,7 +39,7 @@ def _all_gather_rows(rows_ND: torch.Tensor, num_rows: int, group: dist.ProcessGr
     padded = rows_ND.new_zeros((per_lane, *rows_ND.shape[1:]))
     padded[: rows_ND.shape[0]] = rows_ND
     out = rows_ND.new_empty((lanes * per_lane, *rows_ND.shape[1:]))
-    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    _all_gather_into(out, padded.contiguous(), group=group)
     if lanes * per_lane == num_rows:
         return out
     keep = [out[i * per_lane : i * per_lane + (end - start)] for i, (start, end) in enumerate(_spans(num_rows, lanes))]

@@ -42,6 +42,9 @@ class Meshes:
     dense_fsdp: what FSDP shards dense parameters over (all ``dp`` ranks).
     expert_fsdp: what FSDP shards expert parameters over (the ``edp`` ranks
     holding the same experts). ep: the expert-parallel mesh (``None`` at ep=1).
+    tp: the tensor-parallel peers (``None`` at tp=1); they are consecutive
+    ranks, like EP groups, and share one data shard. data: the 1-D ``dp`` mesh
+    of ranks holding different data (this rank's lane of every data shard).
     For ZeRO-0 the FSDP meshes are 2-D ``(replicate, shard=1)``: nothing is
     sharded and gradients are all-reduced.
     """
@@ -49,18 +52,32 @@ class Meshes:
     dense_fsdp: DeviceMesh
     expert_fsdp: DeviceMesh
     ep: DeviceMesh | None
+    data: DeviceMesh
+    tp: DeviceMesh | None = None
 
 
 def build_meshes(dims: ParallelDims, zero_stage: int) -> Meshes:
     """Create the meshes (a collective call on every rank)."""
     device = mesh_device_type()
     replicate = zero_stage == 0
+    lanes = (dims.tp,) if dims.tp > 1 else ()
+    lane_names = ("tp",) if dims.tp > 1 else ()
     if replicate:
-        dense = init_device_mesh(device, (dims.dp, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
+        dense_root = init_device_mesh(
+            device, (dims.dp, 1, *lanes), mesh_dim_names=("dp_replicate", "dp_shard", *lane_names)
+        )
+        dense, data = dense_root["dp_replicate", "dp_shard"], dense_root["dp_replicate"]
         root = init_device_mesh(device, (dims.edp, 1, dims.ep), mesh_dim_names=("edp_replicate", "edp_shard", "ep"))
         expert_fsdp = root["edp_replicate", "edp_shard"]
     else:
-        dense = init_device_mesh(device, (dims.dp,), mesh_dim_names=("dp",))
+        dense_root = init_device_mesh(device, (dims.dp, *lanes), mesh_dim_names=("dp", *lane_names))
+        dense = data = dense_root["dp"]
         root = init_device_mesh(device, (dims.edp, dims.ep), mesh_dim_names=("edp", "ep"))
         expert_fsdp = root["edp"]
-    return Meshes(dense_fsdp=dense, expert_fsdp=expert_fsdp, ep=root["ep"] if dims.ep > 1 else None)
+    return Meshes(
+        dense_fsdp=dense,
+        expert_fsdp=expert_fsdp,
+        ep=root["ep"] if dims.ep > 1 else None,
+        data=data,
+        tp=dense_root["tp"] if dims.tp > 1 else None,
+    )

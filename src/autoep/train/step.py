@@ -53,7 +53,8 @@ def train_step(
     norm = clip_grad_norm_(model, max_grad_norm) if max_grad_norm else global_grad_norm(model.parameters())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    load = step_load_balancing(model)
+    state = getattr(model, "autoep", None)  # set by autoep.parallelize
+    load = step_load_balancing(model, state.stats_group if state is not None else None)
     means = totals / count
     if dist.is_initialized():
         means = means.to(norm.device)

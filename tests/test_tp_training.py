@@ -1,0 +1,100 @@
+"""Tensor parallelism with folded MoE layers, through `autoep.parallelize` and `train_step`, on 4 gloo ranks.
+
+One SGD(lr=1) step, so a parameter's change is minus its gradient: every
+gradient, gathered to a full tensor, and the step's loss must equal one
+process training the unconverted model on the global batch. Layouts fold the
+MoE layers over tp 2 (dp 2) with the dense path tensor-parallel where the
+family's plan allows, at ZeRO 0-3, ep 2 and 4, and with accumulation. The
+step's routing statistics must count each token once (tp peers see the same
+tokens) and the data each rank trains on must follow its dp rank.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import autoep
+from autoep.launch import run_local
+from autoep.models.tiny import build_tiny_model
+from autoep.train import train_step
+
+WORLD, TP, SEQ = 4, 2, 6
+# (model, zero, ep, rows per micro-batch, micro-batches)
+CASES = [
+    ("tiny-qwen3-moe", 2, 2, 2, 1),
+    ("tiny-mixtral", 3, 4, 1, 2),
+    ("tiny-deepseek-v3", 1, 2, 2, 1),
+    ("tiny-qwen2-moe", 0, 2, 1, 1),
+]
+
+
+def global_batch(vocab: int, rows: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, SEQ), generator=torch.Generator().manual_seed(5))
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _step(name: str, zero: int, ep: int, micro: int, accum: int) -> dict:
+    model = build_tiny_model(name, seed=2)
+    config = autoep.AutoEPConfig(ep_size=ep, tp_size=TP, zero_stage=zero, micro_batch_size=micro)
+    autoep.parallelize(model, config)
+    state = model.autoep
+    before = full_params(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    rows = micro * accum
+    batch = global_batch(model.config.vocab_size, WORLD // TP * rows)
+    mine = batch[state.dp_rank * rows : (state.dp_rank + 1) * rows]
+    result = train_step(model, optimizer, list(mine.split(micro)))
+    after = full_params(model)
+    sharded = sorted(
+        n for n, p in model.named_parameters() if isinstance(p, DTensor) and "tp" in p.device_mesh.mesh_dim_names
+    )
+    return {
+        "loss": result.loss,
+        "routed": float(result.load.routed_LE.sum()),
+        "moe_layers": result.load.routed_LE.shape[0],
+        "grads": {n: before[n] - after[n] for n in before} if dist.get_rank() == 0 else None,
+        "tp_sharded": sharded,
+        "dp_rank": state.dp_rank,
+    }
+
+
+def _worker() -> dict:
+    return {case: _step(*case) for case in CASES}
+
+
+def _reference(name: str, rows: int) -> dict:
+    model = build_tiny_model(name, seed=2)
+    batch = global_batch(model.config.vocab_size, rows)
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    return {
+        "loss": float(out.loss.detach()),
+        "assignments_per_layer": batch.numel() * model.config.num_experts_per_tok,
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+    }
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[int, dict]:
+    return run_local(_worker, WORLD)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-zero{c[1]}-ep{c[2]}-micro{c[3]}x{c[4]}")
+def test_tp_fold_step_equals_one_process(results, case):
+    name, _, _, micro, accum = case
+    want = _reference(name, WORLD // TP * micro * accum)
+    got = results[0][case]
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    # each token counted once, not once per tp peer
+    assert got["routed"] == got["moe_layers"] * want["assignments_per_layer"]
+    assert [results[r][case]["dp_rank"] for r in range(WORLD)] == [0, 0, 1, 1]  # tp peers share a data shard
+    assert got["tp_sharded"], "nothing was tensor-parallel"
+    assert got["grads"].keys() == want["grads"].keys()
+    for pname, grad in want["grads"].items():
+        torch.testing.assert_close(got["grads"][pname], grad, atol=2e-5, rtol=1e-4, msg=pname)
