@@ -98,7 +98,7 @@ def test_parameters_muon_cannot_handle_are_listed_at_start_up() -> None:
     assert isinstance(autoep.build_optimizer(WithConv(), routed), Muon)
 
 
-# --- distributed exactness: world 4, ep 2, ZeRO 1/2/3 against single-process Muon -------------------------
+# --- distributed exactness: world 4, ep 2, ZeRO 1/2/3 and tp 2 against single-process Muon -------------------------
 
 MODEL, STEPS, SEQ, WORLD = "tiny-deepseek-v3", 5, 8, 4
 MUON = {"lr": 0.01, "weight_decay": 0.1, "adamw_lr": 1e-3, "adamw_eps": 1e-6, "ns_method": "standard"}
@@ -127,6 +127,20 @@ def muon_worker() -> dict:
         assert isinstance(expert, DTensor) and expert.to_local().shape[0] == 2  # 8 experts / ep 2 / edp 2
         params = _full(model)  # a collective: every rank gathers
         out[zero] = {"losses": losses, "params": params if dist.get_rank() == 0 else None}
+    # tp 2 (dp 2, two rows each: the same global batch): row- and column-split dense matrices are
+    # orthogonalised whole.
+    model = build_tiny_model(MODEL, seed=1)
+    config = autoep.AutoEPConfig(
+        ep_size=2, tp_size=2, zero_stage=3, micro_batch_size=2, optimizer={"type": "Muon", "params": MUON}
+    )
+    autoep.parallelize(model, config)
+    optimizer = autoep.build_optimizer(model, config)
+    dp_rank = model.autoep.dp_rank
+    losses = [train_step(model, optimizer, [b[2 * dp_rank : 2 * dp_rank + 2]]).loss for b in _batches()]
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert isinstance(down, DTensor) and "tp" in down.device_mesh.mesh_dim_names  # really split
+    params = _full(model)
+    out["tp2"] = {"losses": losses, "params": params if dist.get_rank() == 0 else None}
     return out
 
 
@@ -150,9 +164,9 @@ def distributed() -> dict:
     return run_local(muon_worker, WORLD)[0]
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_distributed_muon_matches_single_process(distributed, reference, zero: int) -> None:
-    got = distributed[zero]
+@pytest.mark.parametrize("layout", [1, 2, 3, "tp2"])
+def test_distributed_muon_matches_single_process(distributed, reference, layout) -> None:
+    got = distributed[layout]
     assert max(abs(a - b) for a, b in zip(got["losses"], reference["losses"], strict=True)) <= 1e-5
     for name, value in reference["params"].items():
         diff = (got["params"][name] - value).abs().max().item()

@@ -1,8 +1,9 @@
 """Tensor parallelism with folded MoE layers, through `autoep.parallelize` and `train_step`, on 4 gloo ranks.
 
 One SGD(lr=1) step, so a parameter's change is minus its gradient: every
-gradient, gathered to a full tensor, and the step's loss must equal one
-process training the unconverted model on the global batch. Layouts fold the
+gradient, gathered to a full tensor, the step's loss and the global gradient
+norm must equal one process training the unconverted model on the global
+batch. Layouts fold the
 MoE layers over tp 2 (dp 2) with the dense path tensor-parallel where the
 family's plan allows, at ZeRO 0-3, ep 2 and 4, and with accumulation. The
 step's routing statistics must count each token once (tp peers see the same
@@ -56,6 +57,7 @@ def _step(name: str, zero: int, ep: int, micro: int, accum: int) -> dict:
     )
     return {
         "loss": result.loss,
+        "grad_norm": result.grad_norm,
         "routed": float(result.load.routed_LE.sum()),
         "moe_layers": result.load.routed_LE.shape[0],
         "grads": {n: before[n] - after[n] for n in before} if dist.get_rank() == 0 else None,
@@ -75,6 +77,7 @@ def _reference(name: str, rows: int) -> dict:
     out.loss.backward()
     return {
         "loss": float(out.loss.detach()),
+        "grad_norm": float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))),
         "assignments_per_layer": batch.numel() * model.config.num_experts_per_tok,
         "grads": {n: p.grad for n, p in model.named_parameters()},
     }
@@ -91,6 +94,8 @@ def test_tp_fold_step_equals_one_process(results, case):
     want = _reference(name, WORLD // TP * micro * accum)
     got = results[0][case]
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    # the global norm counts TP-split, lane-repeated and expert tensors each once
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     # each token counted once, not once per tp peer
     assert got["routed"] == got["moe_layers"] * want["assignments_per_layer"]
     assert [results[r][case]["dp_rank"] for r in range(WORLD)] == [0, 0, 1, 1]  # tp peers share a data shard

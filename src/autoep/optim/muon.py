@@ -12,9 +12,10 @@ Sharded parameters are orthogonalised as whole matrices:
 * expert tensors are sharded along the expert dimension only (by EP and by
   FSDP), so every rank holds whole experts and orthogonalises them locally,
   in one batched call, with no communication;
-* a dense matrix sharded by FSDP (rows over dp ranks) is all-gathered once per
-  step (its momentum-updated gradient: the matrix's size in bytes, received by
-  every rank), orthogonalised on every rank, and each rank keeps its rows.
+* a dense matrix sharded by FSDP (rows over dp ranks) and by tensor
+  parallelism (rows or columns over tp ranks) is all-gathered once per step
+  (its momentum-updated gradient: the matrix's size in bytes, received by
+  every rank), orthogonalised on every rank, and each rank keeps its part.
   The alternative, each rank orthogonalising whole matrices it owns and
   scattering the results, trades that all-gather plus redundant compute for
   a gather and a scatter of the same size; the gather keeps the step simple
@@ -61,10 +62,10 @@ def check_muon_placements(param: torch.Tensor) -> str | None:
     """Why Muon cannot handle ``param`` as laid out, or ``None`` if it can."""
     if param.ndim not in (2, 3):
         return f"{param.ndim}-D tensor (Muon handles matrices and [E, A, B] expert stacks)"
-    if isinstance(param, DTensor):
+    if isinstance(param, DTensor) and param.ndim == 3:
         for placement in param.placements:
             if isinstance(placement, Shard) and placement.dim != 0:
-                return f"sharded along dim {placement.dim}; autoep's Muon expects dim-0 sharding"
+                return f"sharded along dim {placement.dim}; autoep's Muon expects expert stacks sharded by expert"
     return None
 
 
