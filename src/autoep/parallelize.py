@@ -31,11 +31,6 @@ class ParallelState:
         """Which data shard this rank trains on (tensor-parallel peers share one)."""
         return self.meshes.data.get_local_rank()
 
-    @property
-    def stats_group(self) -> dist.ProcessGroup | None:
-        """The ranks whose routing statistics add up to the global batch's (``None``: the world)."""
-        return self.meshes.data.get_group() if self.meshes.tp is not None else None
-
 
 def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> ParallelDims:
     """Every check `parallelize` makes before its first collective (rank-local, identical everywhere)."""
@@ -70,15 +65,13 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     meshes = build_meshes(dims, config.zero_stage)
     # Tensor-parallel peers see the same tokens: their MoE layers fold, and routing statistics
     # reduce over one lane of every data shard (the world while tp = 1).
-    tp_group = meshes.tp.get_group() if meshes.tp is not None else None
-    stats_group = meshes.data.get_group() if meshes.tp is not None else None
     report = convert(
         model,
         config.ep_size,
         ep_group=meshes.ep,
         balance=config.load_balancing,
-        stats_group=stats_group,
-        fold_group=tp_group,
+        stats_group=meshes.stats_group,
+        fold_group=meshes.tp_group,
     )
     tp_plan = apply_tensor_parallel(model, meshes.tp) if meshes.tp is not None else TPPlan()
     if config.activation_checkpointing:

@@ -55,6 +55,18 @@ class Meshes:
     data: DeviceMesh
     tp: DeviceMesh | None = None
 
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return self.tp.get_group() if self.tp is not None else None
+
+    @property
+    def stats_group(self) -> dist.ProcessGroup | None:
+        """The ranks whose routing statistics add up to the global batch's (``None``: the world).
+
+        Tensor-parallel peers count the same tokens: one lane of every data shard.
+        """
+        return self.data.get_group() if self.tp is not None else None
+
 
 def build_meshes(dims: ParallelDims, zero_stage: int) -> Meshes:
     """Create the meshes (a collective call on every rank)."""

@@ -54,7 +54,7 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state = getattr(model, "autoep", None)  # set by autoep.parallelize
-    load = step_load_balancing(model, state.stats_group if state is not None else None)
+    load = step_load_balancing(model, state.meshes.stats_group if state is not None else None)
     means = totals / count
     if dist.is_initialized():
         means = means.to(norm.device)
