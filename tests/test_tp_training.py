@@ -5,7 +5,8 @@ gradient, gathered to a full tensor, the step's loss and the global gradient
 norm must equal one process training the unconverted model on the global
 batch. Layouts fold the
 MoE layers over tp 2 (dp 2) with the dense path tensor-parallel where the
-family's plan allows, at ZeRO 0-3, ep 2 and 4, and with accumulation. The
+family's plan allows, at ZeRO 0-3, ep 2 and 4, with accumulation and with
+activation checkpointing. The
 step's routing statistics must count each token once (tp peers see the same
 tokens) and the data each rank trains on must follow its dp rank.
 """
@@ -23,12 +24,13 @@ from autoep.models.tiny import build_tiny_model
 from autoep.train import train_step
 
 WORLD, TP, SEQ = 4, 2, 6
-# (model, zero, ep, rows per micro-batch, micro-batches)
+# (model, zero, ep, rows per micro-batch, micro-batches, activation checkpointing)
 CASES = [
-    ("tiny-qwen3-moe", 2, 2, 2, 1),
-    ("tiny-mixtral", 3, 4, 1, 2),
-    ("tiny-deepseek-v3", 1, 2, 2, 1),
-    ("tiny-qwen2-moe", 0, 2, 1, 1),
+    ("tiny-qwen3-moe", 2, 2, 2, 1, False),
+    ("tiny-mixtral", 3, 4, 1, 2, False),
+    ("tiny-deepseek-v3", 1, 2, 2, 1, False),
+    ("tiny-qwen2-moe", 0, 2, 1, 1, False),
+    ("tiny-qwen3-moe", 3, 2, 2, 1, True),  # recomputed forwards repeat the fold's collectives
 ]
 
 
@@ -40,9 +42,11 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def _step(name: str, zero: int, ep: int, micro: int, accum: int) -> dict:
+def _step(name: str, zero: int, ep: int, micro: int, accum: int, checkpointing: bool) -> dict:
     model = build_tiny_model(name, seed=2)
-    config = autoep.AutoEPConfig(ep_size=ep, tp_size=TP, zero_stage=zero, micro_batch_size=micro)
+    config = autoep.AutoEPConfig(
+        ep_size=ep, tp_size=TP, zero_stage=zero, micro_batch_size=micro, activation_checkpointing=checkpointing
+    )
     autoep.parallelize(model, config)
     state = model.autoep
     before = full_params(model)
@@ -88,9 +92,9 @@ def results() -> dict[int, dict]:
     return run_local(_worker, WORLD)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-zero{c[1]}-ep{c[2]}-micro{c[3]}x{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-zero{c[1]}-ep{c[2]}-micro{c[3]}x{c[4]}{'-ac' * c[5]}")
 def test_tp_fold_step_equals_one_process(results, case):
-    name, _, _, micro, accum = case
+    name, _, _, micro, accum, _ = case
     want = _reference(name, WORLD // TP * micro * accum)
     got = results[0][case]
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
