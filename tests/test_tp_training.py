@@ -5,8 +5,8 @@ gradient, gathered to a full tensor, the step's loss and the global gradient
 norm must equal one process training the unconverted model on the global
 batch. Layouts fold the
 MoE layers over tp 2 (dp 2) with the dense path tensor-parallel where the
-family's plan allows, at ZeRO 0-3, ep 2 and 4, with accumulation and with
-activation checkpointing. The
+family's plan allows, at ZeRO 0-3, ep 2 and 4, with accumulation, with
+activation checkpointing, and with the global aux loss and z-loss on. The
 step's routing statistics must count each token once (tp peers see the same
 tokens) and the data each rank trains on must follow its dp rank.
 """
@@ -21,16 +21,21 @@ from torch.distributed.tensor import DTensor
 import autoep
 from autoep.launch import run_local
 from autoep.models.tiny import build_tiny_model
+from autoep.moe.balance import BalanceConfig
 from autoep.train import train_step
 
 WORLD, TP, SEQ = 4, 2, 6
-# (model, zero, ep, rows per micro-batch, micro-batches, activation checkpointing)
+# Losses whose mean over data shards is the same loss on the whole batch, so one process
+# with the same settings is the reference: z-loss (a mean over tokens) and the global aux
+# loss (global counts, linear in the local mean probabilities).
+BALANCE = {"global_aux_loss_coef": 0.5, "z_loss_coef": 0.05}
+# (model, zero, ep, rows per micro-batch, micro-batches, activation checkpointing, balancing losses)
 CASES = [
-    ("tiny-qwen3-moe", 2, 2, 2, 1, False),
-    ("tiny-mixtral", 3, 4, 1, 2, False),
-    ("tiny-deepseek-v3", 1, 2, 2, 1, False),
-    ("tiny-qwen2-moe", 0, 2, 1, 1, False),
-    ("tiny-qwen3-moe", 3, 2, 2, 1, True),  # recomputed forwards repeat the fold's collectives
+    ("tiny-qwen3-moe", 2, 2, 2, 1, False, False),
+    ("tiny-mixtral", 3, 4, 1, 2, False, False),
+    ("tiny-deepseek-v3", 1, 2, 2, 1, False, True),
+    ("tiny-qwen2-moe", 0, 2, 1, 1, False, False),
+    ("tiny-qwen3-moe", 3, 2, 2, 1, True, False),  # recomputed forwards repeat the fold's collectives
 ]
 
 
@@ -42,10 +47,15 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def _step(name: str, zero: int, ep: int, micro: int, accum: int, checkpointing: bool) -> dict:
+def _step(name: str, zero: int, ep: int, micro: int, accum: int, checkpointing: bool, balancing: bool) -> dict:
     model = build_tiny_model(name, seed=2)
     config = autoep.AutoEPConfig(
-        ep_size=ep, tp_size=TP, zero_stage=zero, micro_batch_size=micro, activation_checkpointing=checkpointing
+        ep_size=ep,
+        tp_size=TP,
+        zero_stage=zero,
+        micro_batch_size=micro,
+        activation_checkpointing=checkpointing,
+        load_balancing=BALANCE if balancing else {},
     )
     autoep.parallelize(model, config)
     state = model.autoep
@@ -74,8 +84,11 @@ def _worker() -> dict:
     return {case: _step(*case) for case in CASES}
 
 
-def _reference(name: str, rows: int) -> dict:
+def _reference(name: str, rows: int, balancing: bool) -> dict:
     model = build_tiny_model(name, seed=2)
+    if balancing:
+        autoep.convert(model, balance=BalanceConfig(**BALANCE))  # the loss hook adds them to out.loss
+    model.train()
     batch = global_batch(model.config.vocab_size, rows)
     out = model(input_ids=batch, labels=batch)
     out.loss.backward()
@@ -92,10 +105,15 @@ def results() -> dict[int, dict]:
     return run_local(_worker, WORLD)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-zero{c[1]}-ep{c[2]}-micro{c[3]}x{c[4]}{'-ac' * c[5]}")
+def _case_id(case: tuple) -> str:
+    name, zero, ep, micro, accum, checkpointing, balancing = case
+    return f"{name}-zero{zero}-ep{ep}-micro{micro}x{accum}{'-ac' * checkpointing}{'-balance' * balancing}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_tp_fold_step_equals_one_process(results, case):
-    name, _, _, micro, accum, _ = case
-    want = _reference(name, WORLD // TP * micro * accum)
+    name, _, _, micro, accum, _, balancing = case
+    want = _reference(name, WORLD // TP * micro * accum, balancing)
     got = results[0][case]
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
     # the global norm counts TP-split, lane-repeated and expert tensors each once
