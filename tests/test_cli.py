@@ -26,6 +26,15 @@ def test_inspect_builtin_model() -> None:
     assert "deepseek_v3" in out and "0-3" in out  # EP rank 0 holds experts 0..3 of 8
 
 
+def test_inspect_shows_the_tensor_parallel_plan() -> None:
+    result = run_cli("inspect", "tiny-deepseek-v2", "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.*.mlp.shared_experts (x2)" in result.stdout  # split
+    assert "self_attn (x3): unsupported tp style 'mla_kv_a_proj'" in result.stdout  # replicated, with why
+    bad = run_cli("inspect", "tiny-qwen3-moe", "--tp", "4")
+    assert bad.returncode == 2 and "does not divide num_key_value_heads=2" in bad.stderr
+
+
 def test_inspect_a_saved_hf_directory(tmp_path: Path) -> None:
     build_tiny_model("tiny-qwen2-moe").save_pretrained(tmp_path / "qwen")
     result = run_cli("inspect", str(tmp_path / "qwen"))

@@ -18,10 +18,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="show the MoE layers autoep finds in MODEL and how they would be split",
         description="Detect the MoE blocks of MODEL (built on the meta device: no weights are read) "
-        "and print how each would be converted at the given expert-parallel size.",
+        "and print how each would be converted at the given expert-parallel size, and with --tp which "
+        "dense blocks tensor parallelism would split.",
     )
     p.add_argument("model", help="built-in tiny model (e.g. tiny-mixtral) or a local HF model directory")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size to plan for (default: 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to plan for (default: 1)")
     p.set_defaults(func=_run_inspect)
 
 
@@ -95,15 +97,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from autoep.cli.render import print_table
     from autoep.convert import ConversionReport, plan_conversion
     from autoep.models.loading import build_meta_model
+    from autoep.parallel.tensor_parallel import validate_tensor_parallel
 
     model = build_meta_model(args.model)
     report = plan_conversion(model, args.ep)
+    tp_plan = validate_tensor_parallel(model, args.tp)
     total = sum(p.numel() for p in model.parameters())
     title = (
         f"{args.model}: {len(report.layers)} MoE layers, family {', '.join(report.families)}, "
         f"{total:,} parameters; plan for ep={args.ep} (EP rank 0)"
     )
     print_table(title, ConversionReport.HEADERS, report.rows())
+    if args.tp > 1:
+        print(f"plan for tp={args.tp}: {tp_plan}")
     return 0
 
 
