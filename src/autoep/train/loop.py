@@ -101,6 +101,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 
     output = Path(job.output) if job.output else None
     is_main = rank == 0
+    if is_main and dims.tp > 1:
+        print(model.autoep.tp_plan, flush=True)  # what tensor parallelism split, and what it left whole
     start = 0
     if job.resume:
         state = load_checkpoint(job.checkpoint_root, model, optimizer)
