@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -245,8 +246,11 @@ def _short(items: list[str], limit: int = 6) -> str:
     return f"[{shown}{f', ... ({len(items) - limit} more)' if len(items) > limit else ''}]"
 
 
-def verify_files(step_dir: Path) -> None:
-    """Every byte range DCP's metadata promises must exist on disk: catches missing and truncated shards."""
+def verify_files(step_dir: Path) -> Metadata:
+    """Every byte range DCP's metadata promises must exist on disk: catches missing and truncated shards.
+
+    Returns that metadata.
+    """
     try:
         metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
     except Exception as err:
@@ -262,6 +266,7 @@ def verify_files(step_dir: Path) -> None:
             raise CheckpointError(
                 f"checkpoint {step_dir} is truncated: {relative} has {file.stat().st_size} bytes, needs {size}"
             )
+    return metadata
 
 
 # Optimizer hyperparameters are saved per parameter name, not per param group: groups
@@ -269,10 +274,9 @@ def verify_files(step_dir: Path) -> None:
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _flat_optimizer_state(step_dir: Path) -> bool:
+def _flat_optimizer_state(metadata: Metadata) -> bool:
     """Whether the checkpoint keys optimizer hyperparameters by parameter name (older ones: by group index)."""
-    keys = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    return not any(re.match(r"optim\.param_groups\.\d+\.", key) for key in keys)
+    return not any(re.match(r"optim\.param_groups\.\d+\.", key) for key in metadata.state_dict_metadata)
 
 
 def load_checkpoint(
@@ -289,9 +293,9 @@ def load_checkpoint(
     step_dir = resolve_checkpoint(path)
     saved = read_metadata(step_dir)
     check_compatible(model, saved, step_dir)
-    verify_files(step_dir)
+    metadata = verify_files(step_dir)
     reshard_all(model)
-    options = _OPTIONS if _flat_optimizer_state(step_dir) else StateDictOptions()
+    options = _OPTIONS if _flat_optimizer_state(metadata) else StateDictOptions()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=options)
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     try:

@@ -14,7 +14,7 @@ from autoep.moe.experts import GemmBackend, GroupedExperts
 from autoep.moe.load_stats import LayerLoadStats
 from autoep.moe.router import RouterOutput, TopKRouter
 from autoep.moe.spec import MoESpec
-from autoep.parallel.fold import gather_lane_rows, lane_rows, take_lane_rows
+from autoep.parallel.fold import gather_lane_rows, take_lane_rows
 
 
 class MoELayer(nn.Module):
@@ -139,9 +139,7 @@ class MoELayer(nn.Module):
         group = self.fold_group
         if group is not None:
             T = x_TD.shape[0]
-            start, end = lane_rows(T, dist.get_rank(group), dist.get_world_size(group))
-            x_TD, weights_TK = take_lane_rows(x_TD, group), take_lane_rows(weights_TK, group)
-            indices_TK = indices_TK[start:end]
+            x_TD, weights_TK, indices_TK = (take_lane_rows(t, group) for t in (x_TD, weights_TK, indices_TK))
         x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
         y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK)
         out_TD = self.dispatcher.combine(y_ND, state)
