@@ -14,11 +14,14 @@ from autoep.errors import AlreadyConvertedError, ConfigError, UnsupportedModelEr
 from autoep.load_balance import install_loss_hook
 from autoep.models import adapter_for, registered_families
 from autoep.models.base import FamilyAdapter
+from autoep.models.experts_path import find_experts_path_blocks
 from autoep.models.hf_outputs import capture_router_logits
 from autoep.moe.balance import BalanceConfig
+from autoep.moe.ep_experts import SITE_ATTR, ExpertsSite, select_implementation
 from autoep.moe.experts import GemmBackend
 from autoep.moe.layer import MoELayer
-from autoep.moe.spec import MoESpec
+from autoep.moe.sites import moe_sites
+from autoep.moe.spec import ExpertsSpec, MoESpec
 from autoep.parallel.groups import build_expert_mesh, mesh_device_type
 
 _EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -37,6 +40,7 @@ class LayerReport:
     expert_start: int
     expert_end: int
     params_per_rank: int
+    conversion: str = "block"
 
     @property
     def local_experts(self) -> str:
@@ -65,8 +69,9 @@ class ConversionReport:
             (
                 layer.path,
                 layer.family,
+                layer.conversion,
                 str(layer.num_experts),
-                str(layer.top_k),
+                str(layer.top_k or "?"),
                 layer.scoring,
                 "yes" if layer.shared_experts else "no",
                 layer.local_experts,
@@ -75,7 +80,7 @@ class ConversionReport:
             for layer in self.layers
         ]
 
-    HEADERS = ("layer", "family", "experts", "top-k", "scoring", "shared", "local experts", "params/rank")
+    HEADERS = ("layer", "family", "path", "experts", "top-k", "scoring", "shared", "local experts", "params/rank")
 
     def __str__(self) -> str:
         rows = [self.HEADERS, *self.rows()]
@@ -107,22 +112,60 @@ def _text_config(model: nn.Module):
     return config
 
 
-def _unsupported_message(model: nn.Module) -> str:
-    suspects = sorted(
-        {
-            type(m).__name__
-            for _, m in model.named_modules()
-            if hasattr(m, "experts") or "moe" in type(m).__name__.lower()
-        }
-    )
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    hint = f" Blocks that look like MoE but match no adapter: {', '.join(suspects)}." if suspects else ""
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def _unsupported_message(model: nn.Module, refused: list[tuple[str, str]]) -> str:
+    if refused:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in refused[:3])
+        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+        return f"autoep cannot convert the routed experts of this {_model_type(model)!r} model: {shown}{more}."
     return (
-        f"autoep found no MoE block it knows in this {model_type!r} model.{hint} "
-        f"Supported families: {', '.join(supported_families())}. "
+        f"autoep found no MoE block in this {_model_type(model)!r} model: no block a family adapter knows "
+        f"({', '.join(supported_families())}) and no experts module following transformers' experts interface. "
         "To convert a custom block, describe it with autoep.register_family(autoep.FamilyAdapter(name=..., "
         "block_classes=('YourMoeBlock',), router_config=...)); see docs/adding-a-family.md."
     )
+
+
+def find_convertible_blocks(
+    model: nn.Module,
+) -> tuple[list[tuple[str, nn.Module, MoESpec | ExpertsSpec]], list[tuple[str, str]]]:
+    """Every MoE block and how it converts, in module order, plus the refused ones with their reasons.
+
+    Blocks a family adapter recognises take the block path (:class:`MoESpec`);
+    the others holding a standard transformers experts module take the experts
+    path (:class:`ExpertsSpec`). Needs no process group: safe on meta models.
+    """
+    config = _text_config(model)
+    dedicated = [(path, block, adapter.describe(block, config)) for path, block, adapter in find_moe_blocks(model)]
+    generic, refused = find_experts_path_blocks(model, [path for path, _, _ in dedicated])
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return sorted(dedicated + generic, key=lambda item: order[item[0]]), refused
+
+
+def _check_options(
+    path: str, spec: MoESpec | ExpertsSpec, balance: BalanceConfig | None, folded: bool
+) -> None:
+    """Refuse, naming the family and the option, what a block cannot do."""
+    if folded and spec.jitter_noise > 0:
+        raise ConfigError(
+            f"router jitter noise (at {path}, {spec.family}) would give tensor-parallel peers different tokens; "
+            "set router_jitter_noise=0 to fold MoE layers over tp"
+        )
+    if not isinstance(spec, ExpertsSpec) or balance is None:
+        return
+    if balance.enabled_losses and spec.router_name is None:
+        raise ConfigError(
+            f"{spec.family} ({path}) declares no router_logits output autoep can read, so the balancing losses "
+            f"{list(balance.enabled_losses)} cannot be computed for it; turn them off"
+        )
+    if balance.updates_bias and spec.selection_bias_name is None:
+        raise ConfigError(
+            f"{spec.family} ({path}) takes the experts path and its router has no e_score_correction_bias, so "
+            "aux-loss-free bias updates (bias_update_rate) cannot work for it; set bias_update_rate=0"
+        )
 
 
 def _valid_ep_sizes(num_experts: int, world: int) -> list[int]:
@@ -130,15 +173,21 @@ def _valid_ep_sizes(num_experts: int, world: int) -> list[int]:
 
 
 def validate_conversion(
-    model: nn.Module, ep_size: int, world_size: int, ep_group: dist.ProcessGroup | DeviceMesh | None = None
-) -> list[tuple[str, nn.Module, MoESpec]]:
+    model: nn.Module,
+    ep_size: int,
+    world_size: int,
+    ep_group: dist.ProcessGroup | DeviceMesh | None = None,
+    *,
+    balance: BalanceConfig | None = None,
+    folded: bool = False,
+) -> list[tuple[str, nn.Module, MoESpec | ExpertsSpec]]:
     """All the checks :func:`convert` makes, using only rank-local facts.
 
     Every rank reaches the same verdict without communicating, so a bad
     request raises the same clear error everywhere instead of hanging a
     collective.
     """
-    if any(isinstance(m, MoELayer) for m in model.modules()):
+    if moe_sites(model):
         raise AlreadyConvertedError(
             "this model is already converted by autoep (it contains MoELayer modules); "
             "build or load a fresh model to convert it again with another ep_size"
@@ -155,12 +204,11 @@ def validate_conversion(
         group_size = ep_group.size() if isinstance(ep_group, DeviceMesh) else dist.get_world_size(ep_group)
         if group_size != ep_size:
             raise ConfigError(f"ep_group has {group_size} ranks but ep_size={ep_size}")
-    blocks = find_moe_blocks(model)
-    if not blocks:
-        raise UnsupportedModelError(_unsupported_message(model))
-    config = _text_config(model)
-    described = [(path, block, adapter.describe(block, config)) for path, block, adapter in blocks]
+    described, refused = find_convertible_blocks(model)
+    if refused or not described:
+        raise UnsupportedModelError(_unsupported_message(model, refused))
     for path, _, spec in described:
+        _check_options(path, spec, balance, folded)
         if spec.num_experts % ep_size:
             raise ConfigError(
                 f"ep_size={ep_size} does not divide the {spec.num_experts} routed experts of {path}; "
@@ -170,24 +218,37 @@ def validate_conversion(
     return described
 
 
-def _layer_report(path: str, spec: MoESpec, block: nn.Module, ep_size: int, ep_rank: int) -> LayerReport:
+def _layer_report(
+    path: str, spec: MoESpec | ExpertsSpec, block: nn.Module, ep_size: int, ep_rank: int
+) -> LayerReport:
     """The report row of one layer at a given layout, computed from shapes alone."""
     local = spec.num_experts // ep_size
-    expert_params = sum(
-        t[0].numel() for t in (getattr(block.experts, n, None) for n in _EXPERT_TENSORS) if t is not None
-    )
-    dense = [getattr(block, a) for a in (spec.router_attr, spec.shared_attr, spec.shared_gate_attr) if a]
-    dense_params = sum(p.numel() for module in dense for p in module.parameters())
+    if isinstance(spec, ExpertsSpec):
+        experts = block.get_submodule(spec.experts_name)
+        expert_params = sum(getattr(experts, n)[0].numel() for n in spec.experts.weights)
+        dense_params = sum(
+            p.numel() for n, p in block.named_parameters() if not n.startswith(spec.experts_name + ".")
+        )
+        shared = any("shared" in n for n, _ in block.named_children())
+        top_k, conversion = spec.top_k, "experts"
+    else:
+        expert_params = sum(
+            t[0].numel() for t in (getattr(block.experts, n, None) for n in _EXPERT_TENSORS) if t is not None
+        )
+        dense = [getattr(block, a) for a in (spec.router_attr, spec.shared_attr, spec.shared_gate_attr) if a]
+        dense_params = sum(p.numel() for module in dense for p in module.parameters())
+        shared, top_k, conversion = spec.shared_attr is not None, spec.router.top_k, "block"
     return LayerReport(
         path=path,
         family=spec.family,
         num_experts=spec.num_experts,
-        top_k=spec.router.top_k,
+        top_k=top_k,
         scoring=spec.scoring_name,
-        shared_experts=spec.shared_attr is not None,
+        shared_experts=shared,
         expert_start=ep_rank * local,
         expert_end=(ep_rank + 1) * local,
         params_per_rank=local * expert_params + dense_params,
+        conversion=conversion,
     )
 
 
@@ -258,6 +319,42 @@ def _build_layer(
     return layer
 
 
+def _shard_expert_tensors(module: nn.Module, names: tuple[str, ...], start: int, end: int, ep_mesh) -> None:
+    """Keep experts ``[start, end)`` of each stacked tensor; with an EP mesh, as a shard of the global tensor,
+    so that state dicts show global shapes and checkpoints reload under any layout."""
+    if ep_mesh is None:
+        return  # ep = 1: every expert stays, as it is
+    for name in names:
+        source = getattr(module, name)
+        local = DTensor.from_local(source.detach()[start:end].clone(), ep_mesh, [Shard(0)], run_check=False)
+        setattr(module, name, nn.Parameter(local, requires_grad=source.requires_grad))
+
+
+@torch.no_grad()
+def _convert_experts(
+    spec: ExpertsSpec,
+    block: nn.Module,
+    ep_mesh: DeviceMesh | None,
+    backend: GemmBackend,
+    balance: BalanceConfig,
+    stats_group: dist.ProcessGroup | None,
+    fold_group: dist.ProcessGroup | None,
+) -> nn.Module:
+    site = ExpertsSite(
+        spec,
+        block,
+        ep_mesh=ep_mesh,
+        backend=backend,
+        balance=balance,
+        stats_group=stats_group,
+        fold_group=fold_group,
+    )
+    experts = block.get_submodule(spec.experts_name)
+    _shard_expert_tensors(experts, spec.experts.weights, site.expert_start, site.expert_end, site.ep_mesh)
+    setattr(experts, SITE_ATTR, site)
+    return experts
+
+
 def convert(
     model: nn.Module,
     ep_size: int = 1,
@@ -291,14 +388,8 @@ def convert(
             f"ep_size={ep_size} needs torch.distributed: initialise a process group of at least "
             f"{ep_size} ranks first (or launch with torchrun / `autoep train`)"
         )
-    described = validate_conversion(model, ep_size, world_size, ep_group)
-    if fold_group is not None and dist.get_world_size(fold_group) > 1:
-        jittery = [path for path, _, spec in described if spec.jitter_noise > 0]
-        if jittery:
-            raise ConfigError(
-                f"router jitter noise (at {jittery[0]}) would give tensor-parallel peers different tokens; "
-                "set router_jitter_noise=0 to fold MoE layers over tp"
-            )
+    folded = fold_group is not None and dist.get_world_size(fold_group) > 1
+    described = validate_conversion(model, ep_size, world_size, ep_group, balance=balance, folded=folded)
     ep_mesh = None
     if ep_size > 1:
         if ep_group is None:
@@ -310,13 +401,21 @@ def convert(
     report = ConversionReport(ep_size=ep_size, ep_rank=ep_mesh.get_local_rank() if ep_mesh is not None else 0)
     balance = balance or BalanceConfig()
     replaced: list[tuple[nn.Module, MoELayer]] = []
+    converted_experts: list[nn.Module] = []
     for path, block, spec in described:
+        report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))
+        if isinstance(spec, ExpertsSpec):
+            converted_experts.append(
+                _convert_experts(spec, block, ep_mesh, backend, balance, stats_group, fold_group)
+            )
+            continue
         layer = _build_layer(spec, block, ep_mesh, backend, balance, stats_group, fold_group)
         parent_path, _, child = path.rpartition(".")
         model.get_submodule(parent_path).register_module(child, layer)
-        report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))
         replaced.append((getattr(block, spec.router_attr), layer.router_module))
     capture_router_logits(model, replaced)
+    if converted_experts:
+        select_implementation(model, converted_experts)
     if balance.enabled_losses:
         install_loss_hook(model)
     return report

@@ -21,13 +21,13 @@ import torch.distributed as dist
 from torch import nn
 
 from autoep.moe import balance as bal
-from autoep.moe.layer import MoELayer
+from autoep.moe.sites import MoESite, moe_sites
 from autoep.parallel.groups import local_device
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    """``(path, layer)`` for every converted MoE layer, in module order."""
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, MoELayer)]
+def moe_layers(model: nn.Module) -> list[tuple[str, MoESite]]:
+    """``(path, site)`` for every converted MoE block (either conversion path), in module order."""
+    return moe_sites(model)
 
 
 def balancing_loss(model: nn.Module) -> torch.Tensor | None:
@@ -111,8 +111,8 @@ def collect_load_stats(model: nn.Module, group: dist.ProcessGroup | None = None)
     layers = moe_layers(model)
     if not layers:
         return None
-    E = layers[0][1].spec.num_experts
-    rows = torch.stack([layer.load_stats.as_row() for _, layer in layers])
+    E = max(layer.num_experts for _, layer in layers)
+    rows = torch.stack([_padded_row(layer, E) for _, layer in layers])
     for _, layer in layers:
         layer.load_stats.reset()
     if dist.is_initialized():
@@ -125,14 +125,23 @@ def collect_load_stats(model: nn.Module, group: dist.ProcessGroup | None = None)
     return StepLoadStats([path for path, _ in layers], rows[:, :E], rows[:, E : 2 * E], losses)
 
 
+def _padded_row(layer: MoESite, num_experts: int) -> torch.Tensor:
+    """A layer's stats row with its per-expert parts padded to ``num_experts`` (layers may differ in E)."""
+    row, E = layer.load_stats.as_row(), layer.num_experts
+    if E == num_experts:
+        return row
+    pad = torch.zeros(num_experts - E, dtype=row.dtype)
+    return torch.cat([row[:E], pad, row[E : 2 * E], pad, row[2 * E :]])
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, routed_LE: torch.Tensor, rate: float, rule: bal.BiasRule) -> None:
     """Move every layer's selection bias by the aux-loss-free rule (same on every rank: counts are global)."""
-    for row, (_, layer) in enumerate(moe_layers(model)):
-        bias = layer.router_module.e_score_correction_bias
+    for row, (path, layer) in enumerate(moe_layers(model)):
+        bias = layer.selection_bias
         if bias is None:
-            raise RuntimeError(f"{type(layer.router_module).__name__} has no selection bias to update")
-        bias.add_(bal.bias_update(routed_LE[row], rate, rule).to(bias.device))
+            raise RuntimeError(f"the router of {path} ({layer.family}) has no selection bias to update")
+        bias.add_(bal.bias_update(routed_LE[row, : layer.num_experts], rate, rule).to(bias.device))
 
 
 def step_load_balancing(model: nn.Module, group: dist.ProcessGroup | None = None) -> StepLoadStats | None:
@@ -148,7 +157,7 @@ def step_load_balancing(model: nn.Module, group: dist.ProcessGroup | None = None
 
 def expert_bias(model: nn.Module) -> torch.Tensor | None:
     """``[L, E]`` selection biases of all layers (``None`` if the routers have none)."""
-    biases = [layer.router_module.e_score_correction_bias for _, layer in moe_layers(model)]
+    biases = [layer.selection_bias for _, layer in moe_layers(model)]
     if not biases or any(b is None for b in biases):
         return None
     return torch.stack([b.detach().float().cpu() for b in biases])
@@ -161,7 +170,7 @@ def added_bias_keys(model: nn.Module) -> set[str]:
     weights starts them at zero, exporting leaves them out.
     """
     return {
-        f"{path}.{layer.spec.router_attr}.e_score_correction_bias"
+        f"{path}.{layer.selection_bias_name}"
         for path, layer in moe_layers(model)
         if layer.added_selection_bias
     }

@@ -70,3 +70,8 @@ def capture_router_logits(model: nn.Module, replaced: Iterable[tuple[nn.Module, 
             install(new, key, spec.index)
             installed += 1
     return installed
+
+
+def router_logit_recorders(model: nn.Module) -> list[object]:
+    """The ``OutputRecorder`` specs by which ``model`` declares where its router logits come from."""
+    return [spec for key, spec in _recorders(model) if key == "router_logits"]

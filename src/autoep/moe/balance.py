@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import ConfigDict
 
 BiasRule = Literal["sign", "sign_centered"]
@@ -142,3 +143,41 @@ def bias_update(counts_E: torch.Tensor, rate: float, rule: BiasRule) -> torch.Te
     if rule == "sign_centered":
         delta_E = delta_E - delta_E.mean()
     return delta_E.float()
+
+
+def measure_losses(
+    cfg: BalanceConfig,
+    logits_TE: torch.Tensor,
+    indices_TK: torch.Tensor,
+    scoring: str,
+    batch_size: int,
+    stats_group: dist.ProcessGroup | None,
+) -> dict[str, torch.Tensor]:
+    """One layer's balancing losses for one forward: aux and z always (for metrics), the others when enabled.
+
+    ``indices_TK`` holds the routed choices before capacity drops. The global
+    aux loss sums counts over ``stats_group`` (one all-reduce).
+    """
+    E, K = logits_TE.shape[-1], indices_TK.shape[-1]
+    logits_TE = logits_TE.reshape(-1, E)
+    T = logits_TE.shape[0]
+    counts_E = expert_counts(indices_TK, E)
+    probs_TE = routing_probs(logits_TE, scoring)
+    losses = {"aux_loss": switch_aux_loss(probs_TE, counts_E, T, K), "z_loss": z_loss(logits_TE)}
+    if cfg.seq_aux_loss_coef > 0:
+        losses["seq_aux_loss"] = sequence_aux_loss(probs_TE.view(batch_size, -1, E), indices_TK.view(batch_size, -1, K))
+    if cfg.global_aux_loss_coef > 0:
+        losses["global_aux_loss"] = switch_aux_loss(probs_TE, *_global_counts(counts_E, T, stats_group), K)
+    return losses
+
+
+@torch.no_grad()
+def _global_counts(
+    counts_E: torch.Tensor, num_tokens: int, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, int]:
+    """Counts and token total summed over the data-parallel group (one all-reduce)."""
+    if not dist.is_initialized():
+        return counts_E, num_tokens
+    packed = torch.cat([counts_E, counts_E.new_tensor([num_tokens])])
+    dist.all_reduce(packed, group=group)
+    return packed[:-1], int(packed[-1])

@@ -152,15 +152,23 @@ class GroupedExperts(nn.Module):
             return self.backend == "loop"
         return not grouped_mm_supported(x, self.hidden_size, self.intermediate_size)
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, counts_list: list[int] | None) -> torch.Tensor:
-        """Apply expert ``e`` to its ``counts_E[e]`` consecutive rows of ``x_AD``.
+    def forward(
+        self,
+        x_AD: torch.Tensor,
+        counts_E: torch.Tensor,
+        counts_list: list[int] | None,
+        expert_A: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Apply expert ``e`` to its ``counts_E[e]`` consecutive rows of ``x_AD`` (``expert_A``: each row's expert).
 
         ``counts_list`` (host copy of ``counts_E``) selects the loop backend; ``None`` the grouped GEMM.
         """
         w13_EDF2, w2_EFD = self._weights_EKN()
         h_AF2 = grouped_matmul(x_AD, w13_EDF2, counts_E, counts_list)
         if self.layout.has_bias:
-            expert_A = torch.repeat_interleave(torch.arange(self.num_experts, device=x_AD.device), counts_E)
+            if expert_A is None:
+                experts = torch.arange(self.num_experts, device=x_AD.device)
+                expert_A = torch.repeat_interleave(experts, counts_E, output_size=x_AD.shape[0])
             h_AF2 = h_AF2 + local_tensor(self.gate_up_proj_bias)[expert_A]
         h_AF = self._activate(h_AF2)
         y_AD = grouped_matmul(h_AF, w2_EFD, counts_E, counts_list)

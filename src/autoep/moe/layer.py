@@ -11,6 +11,7 @@ from autoep.moe import balance as bal
 from autoep.moe.capacity import apply_capacity
 from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from autoep.moe.experts import GemmBackend, GroupedExperts
+from autoep.moe.grouping import combine_rows, group_by_expert
 from autoep.moe.load_stats import LayerLoadStats
 from autoep.moe.router import RouterOutput, TopKRouter
 from autoep.moe.spec import MoESpec
@@ -158,52 +159,50 @@ class MoELayer(nn.Module):
         autograd records them only when some balancing loss is on.
         """
         cfg = self.balance
+        batch = shape[0] if len(shape) == 3 else 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.enabled_losses)):
-            losses, counts_E = self._measure(routed, shape)
+            losses = bal.measure_losses(
+                cfg, routed.logits_TE, routed.indices_TK, self.spec.router.scoring, batch, self.stats_group
+            )
         self.balance_losses = {name: value for name, value in losses.items() if cfg.coef(name) > 0}
-        self.load_stats.record(counts_E, dropped_E, losses)
-
-    def _measure(self, routed: RouterOutput, shape: torch.Size) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        cfg, E, K = self.balance, self.spec.num_experts, self.spec.router.top_k
-        logits_TE, indices_TK = routed.logits_TE, routed.indices_TK
-        T = logits_TE.shape[0]
-        counts_E = bal.expert_counts(indices_TK, E)
-        probs_TE = bal.routing_probs(logits_TE, self.spec.router.scoring)
-        losses = {"aux_loss": bal.switch_aux_loss(probs_TE, counts_E, T, K), "z_loss": bal.z_loss(logits_TE)}
-        if cfg.seq_aux_loss_coef > 0:
-            B = shape[0] if len(shape) == 3 else 1
-            losses["seq_aux_loss"] = bal.sequence_aux_loss(probs_TE.view(B, -1, E), indices_TK.view(B, -1, K))
-        if cfg.global_aux_loss_coef > 0:
-            losses["global_aux_loss"] = bal.switch_aux_loss(probs_TE, *self._global_counts(counts_E, T), K)
-        return losses, counts_E
-
-    @torch.no_grad()
-    def _global_counts(self, counts_E: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, int]:
-        """Counts and token total summed over the data-parallel group (one all-reduce)."""
-        if not dist.is_initialized():
-            return counts_E, num_tokens
-        packed = torch.cat([counts_E, counts_E.new_tensor([num_tokens])])
-        dist.all_reduce(packed, group=self.stats_group)
-        return packed[:-1], int(packed[-1])
+        self.load_stats.record(bal.expert_counts(routed.indices_TK, self.spec.num_experts), dropped_E, losses)
 
     def _apply_local_experts(
         self, x_ND: torch.Tensor, local_NK: torch.Tensor, weights_NK: torch.Tensor
     ) -> torch.Tensor:
         """Run each (row, choice) on its local expert and sum the weighted results per row."""
-        E_local = self.num_local_experts
-        with torch.no_grad():
-            row_A, slot_A = (local_NK < E_local).nonzero(as_tuple=True)
-            expert_A = local_NK[row_A, slot_A]
-            order_A = torch.argsort(expert_A, stable=True)
-            row_A, slot_A, expert_A = row_A[order_A], slot_A[order_A], expert_A[order_A]
-            counts_E = torch.bincount(expert_A, minlength=E_local)
+        assignments = group_by_expert(local_NK, self.num_local_experts)
+        counts_E = assignments.counts_E
         self.tokens_per_expert = counts_E  # routed (token, expert) pairs each local expert got, for load metrics
         counts_list = counts_E.tolist() if self.experts.uses_loop(x_ND) else None
-        y_AD = self.experts(x_ND[row_A], counts_E, counts_list)
-        # Weights are cast to the activation dtype first: a mixed bf16 x fp32 product is
-        # several times slower on CPU and gains nothing once rounded back to bf16.
-        weighted_AD = y_AD * weights_NK[row_A, slot_A].to(y_AD.dtype).unsqueeze(-1)
-        return x_ND.new_zeros(x_ND.shape).index_add(0, row_A, weighted_AD)
+        y_AD = self.experts(x_ND[assignments.row_A], counts_E, counts_list, assignments.expert_A)
+        return combine_rows(y_AD, weights_NK, assignments, x_ND.shape[0])
+
+    # The MoE-site interface shared with the experts path (autoep.moe.sites).
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def experts_module(self) -> nn.Module:
+        return self.experts
+
+    @property
+    def selection_bias(self) -> torch.Tensor | None:
+        return self.router_module.e_score_correction_bias
+
+    @property
+    def selection_bias_name(self) -> str:
+        return f"{self.spec.router_attr}.e_score_correction_bias"
+
+    @property
+    def gate_names(self) -> tuple[str, ...]:
+        """Child names of the router and shared-expert gate (AdamW under Muon)."""
+        return tuple(a for a in (self.spec.router_attr, self.spec.shared_gate_attr) if a)
 
     def extra_repr(self) -> str:
         return (

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from autoep.config import AutoEPConfig
 from autoep.errors import ConfigError
-from autoep.moe.layer import MoELayer
+from autoep.moe.sites import moe_sites
 from autoep.optim.muon import Muon, check_muon_placements
 from autoep.parallel.fsdp import reshard_all
 
@@ -46,17 +46,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def _gate_prefixes(model: nn.Module) -> list[str]:
     """Name prefixes of router gates and shared-expert gates, converted or not."""
-    from autoep.convert import find_moe_blocks
+    from autoep.convert import find_convertible_blocks
+    from autoep.moe.spec import ExpertsSpec
 
-    prefixes = []
-    for path, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            attrs = (module.spec.router_attr, module.spec.shared_gate_attr)
-            prefixes += [f"{path}.{attr}." for attr in attrs if attr]
-    if not prefixes:
-        for path, block, adapter in find_moe_blocks(model):
-            attrs = (adapter.router_attr, adapter.shared_gate_attr)
-            prefixes += [f"{path}.{attr}." for attr in attrs if attr and hasattr(block, attr)]
+    prefixes = [f"{path}.{name}." for path, site in moe_sites(model) for name in site.gate_names]
+    if prefixes:
+        return prefixes
+    for path, block, spec in find_convertible_blocks(model)[0]:
+        if isinstance(spec, ExpertsSpec):
+            names = spec.gate_names(block)
+        else:
+            names = [a for a in (spec.router_attr, spec.shared_gate_attr) if a and hasattr(block, a)]
+        prefixes += [f"{path}.{name}." for name in names]
     return prefixes
 
 

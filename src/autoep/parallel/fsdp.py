@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from autoep.config import AutoEPConfig, ParallelDims
-from autoep.moe.layer import MoELayer
+from autoep.moe.sites import moe_sites
 from autoep.parallel.groups import Meshes
 
 
@@ -70,9 +70,10 @@ def apply_fsdp(model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshe
     common = dict(mp_policy=mp, reshard_after_forward=config.zero_stage == 3)
     if config.cpu_offload:
         common["offload_policy"] = CPUOffloadPolicy()
-    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
-        fully_shard(layer.experts, mesh=meshes.expert_fsdp, **common)
-        _configure_reduction(layer.experts, meshes.expert_fsdp, dims.dp)
+    for _, site in moe_sites(model):
+        experts = site.experts_module
+        fully_shard(experts, mesh=meshes.expert_fsdp, **common)
+        _configure_reduction(experts, meshes.expert_fsdp, dims.dp)
     for block in decoder_layers(model):
         fully_shard(block, mesh=meshes.dense_fsdp, **common)
         _configure_reduction(block, meshes.dense_fsdp, dims.dp)
