@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoep.convert import convert, find_moe_blocks
+from autoep.convert import convert, find_convertible_blocks
 from autoep.moe.experts import local_tensor
-from autoep.moe.layer import MoELayer
+from autoep.moe.sites import moe_sites
 
 
 @dataclass
@@ -92,7 +92,7 @@ def compare_models(
     report: VerifyReport,
 ) -> VerifyReport:
     """Run both models on ``input_ids`` (LM loss), fill ``report`` with per-layer differences."""
-    paths = [path for path, _, _ in find_moe_blocks(reference)]
+    paths = [path for path, _, _ in find_convertible_blocks(reference)[0]]
     ref_out, ref_handles = _capture_outputs({p: reference.get_submodule(p) for p in paths})
     conv_out, conv_handles = _capture_outputs({p: converted.get_submodule(p) for p in paths})
     ref_result = reference(input_ids=input_ids, labels=input_ids)
@@ -103,14 +103,15 @@ def compare_models(
         handle.remove()
     report.logits_diff = _max_abs(ref_result.logits.float() - conv_result.logits.float())
     report.logits_scale = _max_abs(ref_result.logits.float())
+    sites = dict(moe_sites(converted))
     for path in paths:
-        layer = converted.get_submodule(path)
-        assert isinstance(layer, MoELayer)
+        layer = sites[path]
+        expert_ids = {id(p) for p in layer.experts_module.parameters()}
         ref_params = dict(reference.get_submodule(path).named_parameters())
         grad_diff = grad_scale = 0.0
-        for name, param in layer.named_parameters():
+        for name, param in converted.get_submodule(path).named_parameters():
             ref_grad = _grad_or_zeros(ref_params[name]).float()
-            if name.startswith("experts."):
+            if id(param) in expert_ids:
                 if layer.ep_size > 1:
                     ref_grad = ref_grad.clone()
                     dist.all_reduce(ref_grad, group=layer.dispatcher.group)

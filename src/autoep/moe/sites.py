@@ -6,7 +6,8 @@ experts module (experts path). Both expose the same interface, which is all
 that model-level code (balancing, sharding, optimizers, checkpoints) uses:
 ``num_experts``, ``family``, ``balance``, ``load_stats``, ``balance_losses``,
 ``experts_module``, ``selection_bias`` / ``selection_bias_name`` /
-``added_selection_bias``, ``gate_names``, ``tokens_per_expert``.
+``added_selection_bias``, ``gate_names``, ``tokens_per_expert``, and the layout
+(``ep_size``, ``ep_rank``, ``expert_start``/``expert_end``, ``dispatcher``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from autoep.moe import balance as bal
+from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from autoep.moe.ep_experts import SITE_ATTR
 from autoep.moe.layer import MoELayer
 from autoep.moe.load_stats import LayerLoadStats
@@ -30,6 +32,11 @@ class MoESite(Protocol):
     balance_losses: dict[str, torch.Tensor]
     added_selection_bias: bool
     tokens_per_expert: torch.Tensor | None
+    ep_size: int
+    ep_rank: int
+    expert_start: int
+    expert_end: int
+    dispatcher: LocalDispatcher | AllToAllDispatcher
 
     @property
     def experts_module(self) -> nn.Module: ...
