@@ -145,9 +145,7 @@ def find_convertible_blocks(
     return sorted(dedicated + generic, key=lambda item: order[item[0]]), refused
 
 
-def _check_options(
-    path: str, spec: MoESpec | ExpertsSpec, balance: BalanceConfig | None, folded: bool
-) -> None:
+def _check_options(path: str, spec: MoESpec | ExpertsSpec, balance: BalanceConfig | None, folded: bool) -> None:
     """Refuse, naming the family and the option, what a block cannot do."""
     if folded and spec.jitter_noise > 0:
         raise ConfigError(
@@ -218,17 +216,13 @@ def validate_conversion(
     return described
 
 
-def _layer_report(
-    path: str, spec: MoESpec | ExpertsSpec, block: nn.Module, ep_size: int, ep_rank: int
-) -> LayerReport:
+def _layer_report(path: str, spec: MoESpec | ExpertsSpec, block: nn.Module, ep_size: int, ep_rank: int) -> LayerReport:
     """The report row of one layer at a given layout, computed from shapes alone."""
     local = spec.num_experts // ep_size
     if isinstance(spec, ExpertsSpec):
         experts = block.get_submodule(spec.experts_name)
         expert_params = sum(getattr(experts, n)[0].numel() for n in spec.experts.weights)
-        dense_params = sum(
-            p.numel() for n, p in block.named_parameters() if not n.startswith(spec.experts_name + ".")
-        )
+        dense_params = sum(p.numel() for n, p in block.named_parameters() if not n.startswith(spec.experts_name + "."))
         shared = any("shared" in n for n, _ in block.named_children())
         top_k, conversion = spec.top_k, "experts"
     else:
@@ -405,9 +399,7 @@ def convert(
     for path, block, spec in described:
         report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))
         if isinstance(spec, ExpertsSpec):
-            converted_experts.append(
-                _convert_experts(spec, block, ep_mesh, backend, balance, stats_group, fold_group)
-            )
+            converted_experts.append(_convert_experts(spec, block, ep_mesh, backend, balance, stats_group, fold_group))
             continue
         layer = _build_layer(spec, block, ep_mesh, backend, balance, stats_group, fold_group)
         parent_path, _, child = path.rpartition(".")

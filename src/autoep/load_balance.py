@@ -141,7 +141,8 @@ def update_expert_bias(model: nn.Module, routed_LE: torch.Tensor, rate: float, r
         bias = layer.selection_bias
         if bias is None:
             raise RuntimeError(f"the router of {path} ({layer.family}) has no selection bias to update")
-        bias.add_(bal.bias_update(routed_LE[row, : layer.num_experts], rate, rule).to(bias.device))
+        delta = bal.bias_update(routed_LE[row, : layer.num_experts], rate, rule)
+        bias.add_(delta.to(bias.device, bias.dtype).view(bias.shape))
 
 
 def step_load_balancing(model: nn.Module, group: dist.ProcessGroup | None = None) -> StepLoadStats | None:
@@ -160,7 +161,7 @@ def expert_bias(model: nn.Module) -> torch.Tensor | None:
     biases = [layer.selection_bias for _, layer in moe_layers(model)]
     if not biases or any(b is None for b in biases):
         return None
-    return torch.stack([b.detach().float().cpu() for b in biases])
+    return torch.stack([b.detach().float().cpu().reshape(-1) for b in biases])
 
 
 def added_bias_keys(model: nn.Module) -> set[str]:
@@ -169,8 +170,4 @@ def added_bias_keys(model: nn.Module) -> set[str]:
     They live in autoep checkpoints but not in Hugging Face files: loading HF
     weights starts them at zero, exporting leaves them out.
     """
-    return {
-        f"{path}.{layer.selection_bias_name}"
-        for path, layer in moe_layers(model)
-        if layer.added_selection_bias
-    }
+    return {f"{path}.{layer.selection_bias_name}" for path, layer in moe_layers(model) if layer.added_selection_bias}

@@ -35,9 +35,7 @@ class ParallelState:
 def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> ParallelDims:
     """Every check `parallelize` makes before its first collective (rank-local, identical everywhere)."""
     dims = config.parallel_dims(world_size)
-    validate_conversion(
-        model, config.ep_size, world_size, balance=config.load_balancing, folded=config.tp_size > 1
-    )
+    validate_conversion(model, config.ep_size, world_size, balance=config.load_balancing, folded=config.tp_size > 1)
     validate_tensor_parallel(model, config.tp_size)
     if config.cpu_offload and dist.is_initialized() and dist.get_backend() != "nccl":
         raise ConfigError("cpu_offload needs CUDA parameters; on a CPU-only job the parameters already live on CPU")

@@ -41,7 +41,7 @@ def _find_selection_bias(block: nn.Module, experts_name: str, num_experts: int) 
     for name, tensor in [*block.named_buffers(), *block.named_parameters()]:
         if name.startswith(experts_name + "."):
             continue
-        if name.rpartition(".")[2] == "e_score_correction_bias" and tuple(tensor.shape) == (num_experts,):
+        if name.rpartition(".")[2] == "e_score_correction_bias" and tensor.numel() == num_experts:
             return name
     return None
 

@@ -33,9 +33,7 @@ def group_by_expert(local_NK: torch.Tensor, num_local_experts: int) -> Assignmen
     return Assignments(row_A, slot_A, expert_A, counts_E)
 
 
-def combine_rows(
-    y_AD: torch.Tensor, weights_NK: torch.Tensor, assignments: Assignments, num_rows: int
-) -> torch.Tensor:
+def combine_rows(y_AD: torch.Tensor, weights_NK: torch.Tensor, assignments: Assignments, num_rows: int) -> torch.Tensor:
     """``out[n] = Σ_k weight[n, k] · y[(n, k)]`` over the row's valid choices, ``[N, D]``."""
     # Weights are cast to the activation dtype first: a mixed bf16 x fp32 product is
     # several times slower on CPU and gains nothing once rounded back to bf16.

@@ -73,7 +73,6 @@ class StandardExperts:
         return "gated (_apply_gate)" if self.has_gate else "act_fn"
 
 
-
 @dataclass(frozen=True)
 class ExpertsSpec:
     """One MoE block converted on the experts path: the family's block and router stay,

@@ -67,7 +67,10 @@ def apply_fsdp(model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshe
         param_dtype=dtype[config.mixed_precision.param_dtype],
         reduce_dtype=dtype[config.mixed_precision.reduce_dtype],
     )
-    common = dict(mp_policy=mp, reshard_after_forward=config.zero_stage == 3)
+    # Selection biases held as (frozen) parameters, e.g. ERNIE 4.5's, stay whole on every rank:
+    # aux-loss-free balancing updates them in place from global counts, identically everywhere.
+    ignored = {b for _, site in moe_sites(model) if isinstance(b := site.selection_bias, nn.Parameter)}
+    common = dict(mp_policy=mp, reshard_after_forward=config.zero_stage == 3, ignored_params=ignored or None)
     if config.cpu_offload:
         common["offload_policy"] = CPUOffloadPolicy()
     for _, site in moe_sites(model):
