@@ -24,8 +24,6 @@ from autoep.moe.sites import moe_sites
 from autoep.moe.spec import ExpertsSpec, MoESpec
 from autoep.parallel.groups import build_expert_mesh, mesh_device_type
 
-_EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -152,6 +150,12 @@ def _check_options(path: str, spec: MoESpec | ExpertsSpec, balance: BalanceConfi
             f"router jitter noise (at {path}, {spec.family}) would give tensor-parallel peers different tokens; "
             "set router_jitter_noise=0 to fold MoE layers over tp"
         )
+    if isinstance(spec, MoESpec) and spec.zero_experts and balance is not None and balance.updates_bias:
+        raise ConfigError(
+            f"{spec.family} ({path}) also routes to {spec.zero_experts} zero-computation experts, which the "
+            "aux-loss-free bias update does not count (it counts the expert-parallel experts only); "
+            "set bias_update_rate=0"
+        )
     if not isinstance(spec, ExpertsSpec) or balance is None:
         return
     if balance.enabled_losses and spec.router_name is None:
@@ -226,9 +230,8 @@ def _layer_report(path: str, spec: MoESpec | ExpertsSpec, block: nn.Module, ep_s
         shared = any("shared" in n for n, _ in block.named_children())
         top_k, conversion = spec.top_k, "experts"
     else:
-        expert_params = sum(
-            t[0].numel() for t in (getattr(block.experts, n, None) for n in _EXPERT_TENSORS) if t is not None
-        )
+        rows = spec.layout.rows_per_expert(spec.intermediate_size)  # dim-0 rows of one expert
+        expert_params = sum(block.experts.get_parameter(n)[0].numel() * rows for n in spec.layout.tensor_names)
         dense = [getattr(block, a) for a in (spec.router_attr, spec.shared_attr, spec.shared_gate_attr) if a]
         dense_params = sum(p.numel() for module in dense for p in module.parameters())
         shared, top_k, conversion = spec.shared_attr is not None, spec.router.top_k, "block"
@@ -259,6 +262,47 @@ def plan_conversion(model: nn.Module, ep_size: int = 1, *, world_size: int | Non
     return report
 
 
+def _child(block: nn.Module, path: str) -> nn.Module | None:
+    """The block's submodule at a dotted ``path``, or ``None`` when it has none."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _copy_expert_tensor(layer: MoELayer, name: str, local: torch.Tensor) -> None:
+    """Fill the layer's expert tensor ``name`` with this rank's rows of the source tensor.
+
+    The rows are experts ``[expert_start, expert_end)`` (``F`` rows per expert
+    in DBRX's flattened layout, so a rank's experts stay contiguous either way).
+    With an EP mesh the local slice is a Shard(0) of the global tensor: state
+    dicts then show global shapes and checkpoints reload under any layout.
+    """
+    owner_path, _, leaf = name.rpartition(".")
+    owner = layer.experts.get_submodule(owner_path)
+    target = getattr(owner, leaf)
+    target.copy_(local)
+    if layer.ep_mesh is not None:
+        shard = DTensor.from_local(target.detach(), layer.ep_mesh, [Shard(0)], run_check=False)
+        setattr(owner, leaf, nn.Parameter(shard, requires_grad=target.requires_grad))
+
+
+def _copy_router(router: nn.Module, source: nn.Module) -> None:
+    """Copy the HF router's tensors into autoep's by name (the router keeps its predecessor's names).
+
+    Only a selection bias autoep added for aux-loss-free balancing may be
+    missing from the source; it starts at 0, which leaves routing unchanged.
+    """
+    source_state = source.state_dict()
+    for name, tensor in router.state_dict(keep_vars=True).items():
+        if name in source_state:
+            tensor.copy_(source_state[name])
+        elif name == "e_score_correction_bias":
+            tensor.zero_()
+        else:
+            raise UnsupportedModelError(f"{type(source).__name__} has no {name!r} for autoep's router to take")
+
+
 @torch.no_grad()
 def _build_layer(
     spec: MoESpec,
@@ -271,13 +315,13 @@ def _build_layer(
 ) -> MoELayer:
     shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
-    act_fn = getattr(block.experts, "act_fn", None)
+    act_fn = _child(block, spec.act_fn_attr)
     source_router = getattr(block, spec.router_attr)
-    device = source_router.weight.device
+    source_experts = [block.experts.get_parameter(name) for name in spec.layout.tensor_names]
     added_bias = balance.updates_bias and not spec.router.use_correction_bias
     if added_bias:  # aux-loss-free balancing needs a selection bias; start it at 0 (routing unchanged)
         spec = replace(spec, router=replace(spec.router, use_correction_bias=True))
-    with torch.device(device):
+    with torch.device(source_experts[0].device):
         layer = MoELayer(
             spec,
             ep_mesh=ep_mesh,
@@ -290,38 +334,46 @@ def _build_layer(
             fold_group=fold_group,
         )
     layer.added_selection_bias = added_bias
-    layer.to(dtype=block.experts.gate_up_proj.dtype)
-    start, end = layer.expert_start, layer.expert_end
-    for name in _EXPERT_TENSORS:
-        source = getattr(block.experts, name, None)
-        if source is not None:
-            target = getattr(layer.experts, name)
-            target.copy_(source[start:end])
-            if layer.ep_mesh is not None:
-                # The local slice is a shard of the global [E, ...] tensor: say so, so that
-                # state dicts show global shapes and checkpoints reload under any layout.
-                shard = DTensor.from_local(target.detach(), layer.ep_mesh, [Shard(0)], run_check=False)
-                setattr(layer.experts, name, nn.Parameter(shard, requires_grad=target.requires_grad))
-    router = layer.router_module
-    router.weight.copy_(source_router.weight)
-    if router.bias is not None:
-        router.bias.copy_(source_router.bias)
-    if router.e_score_correction_bias is not None:
-        source_bias = getattr(source_router, "e_score_correction_bias", None)
-        router.e_score_correction_bias.copy_(source_bias if source_bias is not None else 0.0)
+    layer.to(dtype=source_experts[0].dtype)
+    rows = spec.layout.rows_per_expert(spec.intermediate_size)
+    for name, source in zip(spec.layout.tensor_names, source_experts, strict=True):
+        _copy_expert_tensor(layer, name, source[layer.expert_start * rows : layer.expert_end * rows])
+    _copy_router(layer.router_module, source_router)
     layer.train(block.training)
     return layer
 
 
-def _shard_expert_tensors(module: nn.Module, names: tuple[str, ...], start: int, end: int, ep_mesh) -> None:
+def _logits_source(spec: MoESpec, layer: MoELayer) -> nn.Module:
+    """The module of the converted layer whose output HF's ``router_logits`` recorder should read.
+
+    The recorder keeps the index it has for the family's router. autoep's
+    router returns its logits first, as most HF routers do. ``Llama4Router``
+    returns ``(scores, logits)`` and is recorded at index 1; its block returns
+    ``(out, router_logits)``, and so does the converted layer, whose output
+    then holds the logits at that same index.
+    """
+    return layer if spec.returns_router_logits else layer.router_module
+
+
+def _shard_expert_tensors(
+    module: nn.Module, names: tuple[str, ...], start: int, end: int, ep_mesh, done: dict[int, nn.Parameter]
+) -> None:
     """Keep experts ``[start, end)`` of each stacked tensor; with an EP mesh, as a shard of the global tensor,
-    so that state dicts show global shapes and checkpoints reload under any layout."""
+    so that state dicts show global shapes and checkpoints reload under any layout.
+
+    ``done`` maps already converted source tensors to their shards: experts tied between
+    blocks (an encoder and a decoder sharing weights) stay tied.
+    """
     if ep_mesh is None:
         return  # ep = 1: every expert stays, as it is
     for name in names:
         source = getattr(module, name)
+        if id(source) in done:
+            setattr(module, name, done[id(source)])
+            continue
         local = DTensor.from_local(source.detach()[start:end].clone(), ep_mesh, [Shard(0)], run_check=False)
-        setattr(module, name, nn.Parameter(local, requires_grad=source.requires_grad))
+        done[id(source)] = nn.Parameter(local, requires_grad=source.requires_grad)
+        setattr(module, name, done[id(source)])
 
 
 @torch.no_grad()
@@ -333,6 +385,7 @@ def _convert_experts(
     balance: BalanceConfig,
     stats_group: dist.ProcessGroup | None,
     fold_group: dist.ProcessGroup | None,
+    done: dict[int, nn.Parameter],
 ) -> nn.Module:
     site = ExpertsSite(
         spec,
@@ -344,7 +397,7 @@ def _convert_experts(
         fold_group=fold_group,
     )
     experts = block.get_submodule(spec.experts_name)
-    _shard_expert_tensors(experts, spec.experts.weights, site.expert_start, site.expert_end, site.ep_mesh)
+    _shard_expert_tensors(experts, spec.experts.weights, site.expert_start, site.expert_end, site.ep_mesh, done)
     setattr(experts, SITE_ATTR, site)
     return experts
 
@@ -396,15 +449,18 @@ def convert(
     balance = balance or BalanceConfig()
     replaced: list[tuple[nn.Module, MoELayer]] = []
     converted_experts: list[nn.Module] = []
+    sharded: dict[int, nn.Parameter] = {}
     for path, block, spec in described:
         report.layers.append(_layer_report(path, spec, block, ep_size, report.ep_rank))
         if isinstance(spec, ExpertsSpec):
-            converted_experts.append(_convert_experts(spec, block, ep_mesh, backend, balance, stats_group, fold_group))
+            converted_experts.append(
+                _convert_experts(spec, block, ep_mesh, backend, balance, stats_group, fold_group, sharded)
+            )
             continue
         layer = _build_layer(spec, block, ep_mesh, backend, balance, stats_group, fold_group)
         parent_path, _, child = path.rpartition(".")
         model.get_submodule(parent_path).register_module(child, layer)
-        replaced.append((getattr(block, spec.router_attr), layer.router_module))
+        replaced.append((getattr(block, spec.router_attr), _logits_source(spec, layer)))
     capture_router_logits(model, replaced)
     if converted_experts:
         select_implementation(model, converted_experts)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
-from autoep.checkpoint.hf_layout import BlockLayout, block_layouts, split_for_disk
+from autoep.checkpoint.hf_layout import DiskLayout, disk_layout, split_for_disk
 from autoep.checkpoint.manager import full_tensor, read_metadata, resolve_checkpoint
 from autoep.checkpoint.safetensors_io import ShardWriter
 from autoep.errors import CheckpointError
@@ -98,7 +98,7 @@ def export_hf(
     """
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    layouts = block_layouts(model) if per_expert else []
+    layouts = disk_layout(model, per_expert)
     skip = _tied_keys(model) | _added_keys(model)
     reshard_all(model)
     staging = _prepare_dir(out_dir) if rank == 0 else None
@@ -141,7 +141,7 @@ def export_checkpoint(
     hf_config = AutoConfig.for_model(**json.loads(config_file.read_text()))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-    layouts: list[BlockLayout] = block_layouts(skeleton) if per_expert else []
+    layouts: DiskLayout = disk_layout(skeleton, per_expert)
     skip = _tied_keys(skeleton)
     metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
     known = set(skeleton.state_dict())

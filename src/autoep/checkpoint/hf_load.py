@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from autoep.checkpoint.hf_layout import block_layouts, disk_shape, read_from_disk
+from autoep.checkpoint.hf_layout import disk_layout, disk_shape, read_from_disk
 from autoep.checkpoint.safetensors_io import SafetensorsSource
 from autoep.config import AutoEPConfig
 from autoep.errors import CheckpointError
@@ -57,7 +57,7 @@ def _tied_sources(model: nn.Module) -> dict[str, str]:
 def load_hf_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     """Fill every tensor of ``model``'s state dict (this rank's slice of it) from a HF directory."""
     source = SafetensorsSource(directory)
-    layouts = block_layouts(model)
+    layouts = disk_layout(model)
     tied = _tied_sources(model)
     state = model.state_dict()
     for key in added_bias_keys(model) & state.keys():  # autoep's own selection biases start at 0

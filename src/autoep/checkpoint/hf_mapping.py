@@ -34,14 +34,37 @@ class ExpertDiskNames:
 
 
 def _transforms(model: nn.Module) -> list:
+    """The family's own transforms (not transformers' legacy renames, which save_pretrained does not reverse)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
     except ImportError:
         return []
     try:
-        return list(get_model_conversion_mapping(model))
+        return list(get_model_conversion_mapping(model, add_legacy=False))
     except Exception:  # a model transformers cannot map (custom class): treat as fused on disk
         return []
+
+
+def _literal(pattern: str) -> str | None:
+    """A rename pattern as a plain substring, when it is one (only escaped dots allowed)."""
+    text = pattern.replace("\\.", ".")
+    return None if re.search(r"[\\^$*+?()\[\]{}|]", text) else text
+
+
+def key_renames(model: nn.Module) -> list[tuple[str, str]]:
+    """``(in memory, on disk)`` substrings of the family's plain key renames, e.g. ERNIE 4.5's
+    ``mlp.gate.moe_statics.e_score_correction_bias`` stored as ``mlp.moe_statics.e_score_correction_bias``."""
+    renames = []
+    for transform in _transforms(model):
+        if type(transform).__name__ != "WeightRenaming":
+            continue
+        sources, targets = transform.source_patterns, transform.target_patterns
+        if len(sources) != 1 or len(targets) != 1:
+            continue
+        on_disk, in_memory = _literal(str(sources[0])), _literal(str(targets[0]))
+        if on_disk and in_memory and on_disk != in_memory:
+            renames.append((in_memory, on_disk))
+    return renames
 
 
 def _expert_names(transform, in_proj: str) -> tuple[str, list[str]] | None:
