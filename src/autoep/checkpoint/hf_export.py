@@ -131,7 +131,9 @@ def export_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Turn an autoep checkpoint into a HF model directory, in this process, one tensor at a time."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from autoep.models.loading import auto_model_class
 
     step_dir = resolve_checkpoint(checkpoint)
     read_metadata(step_dir)
@@ -140,7 +142,7 @@ def export_checkpoint(
         raise CheckpointError(f"{step_dir} has no {HF_CONFIG}: it was not saved from a Hugging Face model")
     hf_config = AutoConfig.for_model(**json.loads(config_file.read_text()))
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
+        skeleton = auto_model_class(hf_config).from_config(hf_config)
     layouts: DiskLayout = disk_layout(skeleton, per_expert)
     skip = _tied_keys(skeleton)
     metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()

@@ -89,14 +89,16 @@ def from_pretrained(path: str | os.PathLike, config: AutoEPConfig, *, dtype: tor
     parallelized model (see :func:`autoep.parallelize`); ``dtype`` defaults to
     the checkpoint's ``torch_dtype`` (or fp32).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from autoep.models.loading import auto_model_class
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
     hf_config = AutoConfig.from_pretrained(path)
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+        model = auto_model_class(hf_config).from_config(hf_config, dtype=dtype or torch.float32)
     parallelize(model, config, init_meta=False)  # allocates this rank's shards; the weights come next
     load_hf_weights(model, path)
     return model

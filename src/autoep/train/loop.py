@@ -15,8 +15,7 @@ import torch.distributed as dist
 from autoep.checkpoint import from_pretrained, load_checkpoint, save_checkpoint
 from autoep.config import AutoEPConfig
 from autoep.load_balance import moe_layers
-from autoep.models.loading import load_model
-from autoep.models.tiny import is_tiny_model_name
+from autoep.models.loading import is_builtin_model, load_model
 from autoep.optim import build_optimizer
 from autoep.parallel.groups import local_device
 from autoep.parallelize import parallelize
@@ -84,7 +83,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     config = job.config
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.seed)
-    if is_tiny_model_name(job.model):
+    if is_builtin_model(job.model):
         model = load_model(job.model, seed=config.seed).to(local_device())
         parallelize(model, config)
     else:  # a HF directory: each rank reads only its own slices
@@ -95,7 +94,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(job.warmup_steps, job.steps), job.steps))
 
     text = read_text(job.data) if job.data else builtin_corpus(seed=config.seed)
-    model_dir = None if is_tiny_model_name(job.model) else job.model
+    model_dir = None if is_builtin_model(job.model) else job.model
     tokens = tokenize(text, model.config.get_text_config().vocab_size, model_dir)
     batches = TokenBatches(tokens, job.seq_len, config.micro_batch_size, dims.dp, seed=config.seed)
 
