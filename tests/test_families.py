@@ -65,6 +65,7 @@ def test_docs_tables_are_generated_from_this_run(results) -> None:
         text = (ROOT / name).read_text()
         recorded = coverage.generated_block(text, block)
         assert recorded is not None, f"{name} has no generated {block} block"
+        assert "MoE model types in transformers" in recorded, f"{name}'s {block} block is empty"
         if f"transformers {transformers.__version__}:" not in recorded:
             pytest.skip(f"{name} was generated with another transformers than {transformers.__version__}")
         assert recorded == render(results), f"{name} is stale: run python -m autoep.models.coverage --write {name}"
