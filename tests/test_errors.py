@@ -74,7 +74,19 @@ def test_converting_twice_is_refused() -> None:
 
 def test_supported_families() -> None:
     assert autoep.supported_families() == sorted(
-        ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss", "glm4_moe"]
+        [
+            "mixtral",
+            "qwen2_moe",
+            "qwen3_moe",
+            "deepseek_v2",
+            "deepseek_v3",
+            "olmoe",
+            "gpt_oss",
+            "glm4_moe",
+            "llama4",
+            "dbrx",
+            "longcat_flash",
+        ]
     )
 
 

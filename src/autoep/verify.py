@@ -18,7 +18,7 @@ from torch import nn
 
 from autoep.convert import convert, find_convertible_blocks
 from autoep.moe.experts import local_tensor
-from autoep.moe.sites import moe_sites
+from autoep.moe.sites import moe_sites, owned_rows
 
 
 @dataclass
@@ -115,7 +115,7 @@ def compare_models(
                 if layer.ep_size > 1:
                     ref_grad = ref_grad.clone()
                     dist.all_reduce(ref_grad, group=layer.dispatcher.group)
-                ref_grad = ref_grad[layer.expert_start : layer.expert_end]
+                ref_grad = owned_rows(layer, param, ref_grad)
             grad_diff = max(grad_diff, _max_abs(_grad_or_zeros(param).float() - ref_grad))
             grad_scale = max(grad_scale, _max_abs(ref_grad))
         out_diff = _max_abs(conv_out[path].float() - ref_out[path].float())

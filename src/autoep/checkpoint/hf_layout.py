@@ -140,15 +140,14 @@ def _unused_in_experts(block: BlockLayout, full: torch.Tensor) -> Iterator[tuple
 
     The converted layer holds only the real experts; transformers still expects these keys.
     """
-    zeros = full.new_zeros(full.shape[1:])
     for expert in range(full.shape[0], full.shape[0] + block.unused_in_experts):
         gate_key, up_key, _ = block.expert_keys(expert)
         if gate_key is None:
-            yield up_key, zeros
-        else:
-            gate, up = zeros.chunk(2, dim=0)
-            yield gate_key, gate
-            yield up_key, up
+            yield up_key, full.new_zeros(full.shape[1:])
+        else:  # one tensor per key: safetensors refuses tensors that share memory
+            rows, cols = full.shape[1] // 2, full.shape[2]
+            yield gate_key, full.new_zeros(rows, cols)
+            yield up_key, full.new_zeros(rows, cols)
 
 
 def _expert_suffix(key: str, layout: DiskLayout) -> tuple[BlockLayout | None, str | None]:

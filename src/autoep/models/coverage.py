@@ -28,7 +28,11 @@ import torch.distributed as dist
 from torch import nn
 
 LOGITS_TOL = 1e-5
-GRAD_TOL = 1e-6
+GRAD_TOL = {1: 1e-6}
+"""Gradient bound per ep size (absolute, relative beyond 1). At ep > 1 expert rows are computed on
+another rank in other GEMM groupings, so fp32 round-off reaches ~2e-6 on some models' largest
+gradients; the bound there is 1e-5, as in the block path's multi-rank tests."""
+GRAD_TOL_EP = 1e-5
 TABLE, SUMMARY = "families", "families-summary"
 
 
@@ -44,7 +48,7 @@ class FamilyResult:
     grads: dict[int, float] = field(default_factory=dict)  # ep -> max |Δ grad| / max(1, |grad|)
 
     def exact(self, ep: int) -> bool:
-        return self.logits.get(ep, 1.0) <= LOGITS_TOL and self.grads.get(ep, 1.0) <= GRAD_TOL
+        return self.logits.get(ep, 1.0) <= LOGITS_TOL and self.grads.get(ep, 1.0) <= GRAD_TOL.get(ep, GRAD_TOL_EP)
 
 
 def _max_abs(t: torch.Tensor) -> float:
@@ -71,7 +75,7 @@ def parity(reference: nn.Module, converted: nn.Module, input_ids: torch.Tensor) 
     """``(max |Δ logits|, max |Δ grad| / max(1, max |grad|))`` over every parameter, after one LM-loss
     backward on each model."""
     from autoep.moe.experts import local_tensor
-    from autoep.moe.sites import moe_sites
+    from autoep.moe.sites import moe_sites, owned_rows
 
     seed = int(input_ids.sum())  # some models draw random numbers in forward (diffusion masking): same draws
     torch.manual_seed(seed)
@@ -91,9 +95,10 @@ def parity(reference: nn.Module, converted: nn.Module, input_ids: torch.Tensor) 
             continue
         ref = torch.zeros_like(ref_params[name]) if ref is None else ref.clone()
         site = experts.get(id(param))
-        if site is not None and site.ep_size > 1:
-            dist.all_reduce(ref, group=site.dispatcher.group)
-            ref = ref[site.expert_start : site.expert_end]
+        if site is not None:
+            if site.ep_size > 1:
+                dist.all_reduce(ref, group=site.dispatcher.group)
+            ref = owned_rows(site, param, ref)
         mine = local_tensor(grad) if grad is not None else torch.zeros_like(ref)
         if mine.shape != ref.shape:  # a conversion that changed a parameter's shape is simply wrong
             worst = float("inf")
@@ -151,7 +156,12 @@ def run_coverage(model_types: list[str] | None = None, ep_sizes: tuple[int, ...]
     from autoep.models import zoo
 
     model_types = model_types if model_types is not None else zoo.moe_model_types()
-    results = {t: check_type(t, 1) if 1 in ep_sizes else FamilyResult(t) for t in model_types}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on every rank: the same reduction order in every run of the table
+    try:
+        results = {t: check_type(t, 1) if 1 in ep_sizes else FamilyResult(t) for t in model_types}
+    finally:
+        torch.set_num_threads(threads)
     for ep in (e for e in ep_sizes if e > 1):
         convertible = [t for t, r in results.items() if r.path not in ("refused", "not built")]
         per_rank = run_local(_check_all, ep, convertible, ep)
@@ -178,11 +188,15 @@ _ORDER = {"block": 0, "block+experts": 1, "experts": 2, "refused": 3, "not built
 def _header(results: list[FamilyResult], ep_sizes: tuple[int, ...]) -> str:
     import transformers
 
-    exact = ", ".join(f"{sum(r.exact(ep) for r in results)} exact at ep {ep}" for ep in ep_sizes)
+    parts = [
+        f"{sum(r.exact(ep) for r in results)} exact at ep {ep} (logits within {LOGITS_TOL:g}, "
+        f"gradients within {GRAD_TOL.get(ep, GRAD_TOL_EP):g})"
+        for ep in ep_sizes
+    ]
     return (
-        f"MoE model types in transformers {transformers.__version__}: {len(results)}; {exact} "
-        f"(logits within {LOGITS_TOL:g} and every gradient within {GRAD_TOL:g} of the unconverted model, "
-        "relative for gradients larger than 1)."
+        f"MoE model types in transformers {transformers.__version__}: {len(results)}; {'; '.join(parts)}. "
+        "Gradient differences are relative for gradients larger than 1; expert gradients of the unconverted "
+        "model are summed over the EP group."
     )
 
 
@@ -233,7 +247,7 @@ def replace_generated(text: str, name: str, content: str) -> str:
 
 def generated_block(text: str, name: str) -> str | None:
     start, end = _markers(name)
-    match = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), text, re.S)
+    match = re.search(re.escape(start) + r"\n?(.*?)\n?" + re.escape(end), text, re.S)
     return match.group(1) if match else None
 
 

@@ -1,4 +1,4 @@
-"""Adapters for the Hugging Face MoE families autoep supports out of the box.
+"""Adapters for the Hugging Face MoE families autoep converts on the block path.
 
 Each reads its routing rule from the model's own config, mirroring the
 family's router code in transformers 5.
@@ -65,6 +65,56 @@ def _gpt_oss_layout(experts: Any, config: Any) -> ExpertLayout:
     return ExpertLayout("gpt_oss", alpha=float(experts.alpha), limit=float(experts.limit))
 
 
+def _no_jitter(config: Any) -> float:
+    return 0.0  # the block ignores router_jitter_noise even where its config declares it
+
+
+def _llama4_router(config: Any, num_experts: int) -> RouterConfig:
+    """``Llama4Router``: top-k on the raw logits, sigmoid of each chosen logit, no normalisation."""
+    return RouterConfig(num_experts=num_experts, top_k=config.num_experts_per_tok, scoring="topk_sigmoid")
+
+
+def _transposed_swiglu(experts: Any, config: Any) -> ExpertLayout:
+    """``Llama4TextExperts``: ``gate_up_proj [E, D, 2F]`` (gate then up columns), ``down_proj [E, F, D]``."""
+    return ExpertLayout("swiglu", transposed=True)
+
+
+def _dbrx_router(config: Any, num_experts: int) -> RouterConfig:
+    """``DbrxFFN.route_tokens_to_experts``: softmax, top-k, then divide by the p-norm of the k weights."""
+    ffn = config.ffn_config
+    p = ffn.moe_normalize_expert_weights
+    return RouterConfig(
+        num_experts=num_experts,
+        top_k=ffn.moe_top_k,
+        scoring="softmax",
+        norm_topk_prob=p is not None,
+        norm_p=None if p is None else float(p),
+    )
+
+
+def _dbrx_layout(experts: Any, config: Any) -> ExpertLayout:
+    return ExpertLayout("dbrx")
+
+
+def _dbrx_jitter(config: Any) -> float:
+    return float(config.ffn_config.moe_jitter_eps or 0.0)
+
+
+def _longcat_router(config: Any, num_experts: int) -> RouterConfig:
+    """``LongcatFlashTopkRouter``: softmax over real and zero experts, selection bias, scaled weights.
+
+    ``num_experts`` counts both kinds; the classifier's bias, where the config
+    declares one, is not applied by the HF router, so it is not here either.
+    """
+    return RouterConfig(
+        num_experts=num_experts,
+        top_k=config.num_experts_per_tok,
+        scoring="softmax",
+        use_correction_bias=True,
+        routed_scaling_factor=float(config.routed_scaling_factor),
+    )
+
+
 # How transformers' save_pretrained (and most checkpoints on the Hub) store experts: one module per expert.
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -119,6 +169,41 @@ BUILTIN_FAMILIES = (
         _sigmoid_grouped_router,
         ("glm4_moe",),
         shared_attr="shared_experts",
+        disk_experts=_PROJ,
+    ),
+    # Families whose experts are not transformers' standard experts module.
+    FamilyAdapter(
+        "llama4",
+        ("Llama4TextMoe",),
+        _llama4_router,
+        ("llama4", "llama4_text"),
+        router_attr="router",
+        shared_attr="shared_expert",
+        layout=_transposed_swiglu,
+        weights_scale_input=True,
+        returns_router_logits=True,
+        flat_output=True,
+        jitter_noise=_no_jitter,
+    ),
+    FamilyAdapter(
+        "dbrx",
+        ("DbrxFFN",),
+        _dbrx_router,
+        ("dbrx",),
+        router_attr="router",
+        router_linear="layer",
+        layout=_dbrx_layout,
+        act_fn_attr="experts.mlp.activation_fn",
+        jitter_noise=_dbrx_jitter,
+    ),
+    FamilyAdapter(
+        "longcat_flash",
+        ("LongcatFlashMoE",),
+        _longcat_router,
+        ("longcat_flash",),
+        router_attr="router",
+        router_linear="classifier",
+        zero_expert_output="identity",
         disk_experts=_PROJ,
     ),
 )

@@ -29,24 +29,46 @@ class ExpertLayout:
     """How a family stores and applies its experts.
 
     ``swiglu``: HF-5 fused layout, ``gate_up_proj [E, 2F, D]`` (gate rows then
-    up rows) and ``down_proj [E, D, F]``; ``act(gate) * up``.
+    up rows) and ``down_proj [E, D, F]``; ``act(gate) * up``. With
+    ``transposed=True`` the same tensors are stored ``[E, D, 2F]`` (gate
+    columns then up columns) and ``[E, F, D]`` (Llama 4).
 
     ``gpt_oss``: transposed ``gate_up_proj [E, D, 2F]`` with gate/up interleaved
     along the last dim, ``down_proj [E, F, D]``, biases on both, a clamped gate
-    and ``(up + 1) * gate * sigmoid(alpha * gate)``.
+    and ``(up + 1) * gate * sigmoid(alpha * gate)`` (always transposed).
+
+    ``dbrx``: separate gate and up projections ``mlp.w1``/``mlp.v1`` and the down
+    projection ``mlp.w2``, each flattened over the experts as ``[E * F, D]``
+    (expert ``e`` owns rows ``[e * F, (e + 1) * F)``); ``act(x @ w1ᵀ) * (x @ v1ᵀ) @ w2``.
+    The flattened shapes are kept so that state dicts and checkpoints keep DBRX's names.
     """
 
-    kind: Literal["swiglu", "gpt_oss"] = "swiglu"
+    kind: Literal["swiglu", "gpt_oss", "dbrx"] = "swiglu"
     alpha: float = 1.702
     limit: float = 7.0
+    transposed: bool = False
 
-    @property
-    def transposed(self) -> bool:
-        return self.kind == "gpt_oss"
+    def __post_init__(self) -> None:
+        if self.kind == "gpt_oss":
+            object.__setattr__(self, "transposed", True)
+        elif self.kind == "dbrx" and self.transposed:
+            raise ValueError("the dbrx layout has one fixed orientation; transposed=True does not apply")
 
     @property
     def has_bias(self) -> bool:
         return self.kind == "gpt_oss"
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The expert tensors, relative to the experts module, in-projections first."""
+        if self.kind == "dbrx":
+            return ("mlp.w1", "mlp.v1", "mlp.w2")
+        biases = ("gate_up_proj_bias", "down_proj_bias") if self.has_bias else ()
+        return ("gate_up_proj", "down_proj", *biases)
+
+    def rows_per_expert(self, intermediate_size: int) -> int:
+        """Rows of dim 0 one expert owns: 1 for stacked ``[E, ...]`` tensors, ``F`` for flattened ones."""
+        return intermediate_size if self.kind == "dbrx" else 1
 
 
 def _grouped_mm_op():
@@ -107,7 +129,7 @@ def grouped_matmul(
 
 
 class GroupedExperts(nn.Module):
-    """The local experts of one MoE layer, stored as stacked tensors."""
+    """The local experts of one MoE layer, stored as stacked tensors (or DBRX's flattened ones)."""
 
     def __init__(
         self,
@@ -126,6 +148,11 @@ class GroupedExperts(nn.Module):
         self.layout = layout
         self.backend: GemmBackend = backend
         self.act_fn = act_fn if act_fn is not None else nn.SiLU()
+        if layout.kind == "dbrx":
+            self.mlp = nn.Module()  # DBRX's own child name: keeps the keys experts.mlp.{w1,v1,w2}
+            for name in ("w1", "v1", "w2"):
+                self.mlp.register_parameter(name, nn.Parameter(torch.empty(E * F, D)))
+            return
         if layout.transposed:
             self.gate_up_proj = nn.Parameter(torch.empty(E, D, 2 * F))
             self.down_proj = nn.Parameter(torch.empty(E, F, D))
@@ -139,12 +166,19 @@ class GroupedExperts(nn.Module):
             self.gate_up_proj_bias = None
             self.down_proj_bias = None
 
-    def _weights_EKN(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both local weights as ``[E_local, in, out]`` views (no copy)."""
+    def _weights_EKN(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The local in-projection(s) and the out-projection as ``[E_local, in, out]`` views (no copy).
+
+        One fused gate|up in-projection, or DBRX's separate gate and up ones.
+        """
+        if self.layout.kind == "dbrx":
+            E, F, D = self.num_experts, self.intermediate_size, self.hidden_size
+            w1, v1, w2 = (local_tensor(getattr(self.mlp, n)).view(E, F, D) for n in ("w1", "v1", "w2"))
+            return [w1.transpose(1, 2), v1.transpose(1, 2)], w2
         w13, w2 = local_tensor(self.gate_up_proj), local_tensor(self.down_proj)
         if self.layout.transposed:
-            return w13, w2
-        return w13.transpose(1, 2), w2.transpose(1, 2)
+            return [w13], w2
+        return [w13.transpose(1, 2)], w2.transpose(1, 2)
 
     def uses_loop(self, x: torch.Tensor) -> bool:
         """Whether the portable per-expert loop (which needs host-side counts) runs for ``x``."""
@@ -163,8 +197,9 @@ class GroupedExperts(nn.Module):
 
         ``counts_list`` (host copy of ``counts_E``) selects the loop backend; ``None`` the grouped GEMM.
         """
-        w13_EDF2, w2_EFD = self._weights_EKN()
-        h_AF2 = grouped_matmul(x_AD, w13_EDF2, counts_E, counts_list)
+        w_in, w2_EFD = self._weights_EKN()
+        h_parts = [grouped_matmul(x_AD, w_EDN, counts_E, counts_list) for w_EDN in w_in]
+        h_AF2 = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts, dim=-1)
         if self.layout.has_bias:
             if expert_A is None:
                 experts = torch.arange(self.num_experts, device=x_AD.device)

@@ -13,7 +13,7 @@ from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from autoep.moe.experts import GemmBackend, GroupedExperts
 from autoep.moe.grouping import combine_rows, group_by_expert
 from autoep.moe.load_stats import LayerLoadStats
-from autoep.moe.router import RouterOutput, TopKRouter
+from autoep.moe.router import SIGMOID_SCORINGS, RouterOutput, TopKRouter
 from autoep.moe.spec import MoESpec
 from autoep.parallel.fold import gather_lane_rows, take_lane_rows
 
@@ -34,6 +34,10 @@ class MoELayer(nn.Module):
     and accumulates routed/dropped counts in ``load_stats``. The global aux loss
     sums counts over ``stats_group`` (default: the whole world, which is the
     data-parallel group while tp = 1).
+
+    Family semantics the spec declares: zero-computation experts (computed
+    where the token lives, never dispatched), routing weights that scale the
+    expert input instead of its output, and what the block returns.
 
     With a ``fold_group`` (the tensor-parallel peers, which hold the same
     tokens) the layer is folded: routing, balancing and shared experts run on
@@ -68,7 +72,8 @@ class MoELayer(nn.Module):
         self.expert_start = ep_rank * self.num_local_experts
         self.expert_end = self.expert_start + self.num_local_experts
         self._router_attr = spec.router_attr
-        self.add_module(spec.router_attr, TopKRouter(spec.router, spec.hidden_size))
+        router = TopKRouter(spec.router, spec.hidden_size, spec.router_linear, spec.router_linear_bias)
+        self.add_module(spec.router_attr, router)
         self.experts = GroupedExperts(
             self.num_local_experts, spec.hidden_size, spec.intermediate_size, spec.layout, act_fn, backend
         )
@@ -109,7 +114,9 @@ class MoELayer(nn.Module):
             noise = self.spec.jitter_noise
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - noise, 1.0 + noise)
         routed = self.router_module(x_TD)
-        indices_TK, weights_TK, dropped_E = routed.indices_TK, routed.weights_TK, None
+        indices_TK, weights_TK, dropped_E, zero_TD = routed.indices_TK, routed.weights_TK, None, None
+        if self.spec.zero_experts:
+            indices_TK, weights_TK, zero_TD = self._zero_experts(x_TD, indices_TK, weights_TK)
         if self.balance.capacity_factor is not None:
             indices_TK, weights_TK, dropped_E = apply_capacity(
                 indices_TK,
@@ -119,10 +126,13 @@ class MoELayer(nn.Module):
                 self.balance.capacity_factor,
                 self.balance.drop_policy,
             )
+            dropped_E = dropped_E[: self.spec.num_experts]  # zero-expert choices arrive as the sentinel id E
         self.balance_losses = {}
         if self.training:
             self._balance(routed, shape, dropped_E)
         out_TD = self._routed_experts(x_TD, weights_TK, indices_TK)
+        if zero_TD is not None:
+            out_TD = out_TD + zero_TD
         shared = self.shared_module
         if shared is not None:
             shared_TD = shared(x_TD)
@@ -130,10 +140,31 @@ class MoELayer(nn.Module):
             if gate is not None:
                 shared_TD = torch.sigmoid(gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
-        out = out_TD.reshape(shape)
+        out = out_TD if self.spec.flat_output else out_TD.reshape(shape)
         if self.spec.returns_router_scores:
             return out, routed.weights_TK.to(hidden_states.dtype)
+        if self.spec.returns_router_logits:
+            return out, routed.logits_TE.to(hidden_states.dtype)
         return out
+
+    def _zero_experts(
+        self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Take the zero-computation experts' choices out of the routing and compute them here.
+
+        They cost nothing and hold no weights, so they are never dispatched:
+        every rank computes them for its own tokens. Their choices leave the
+        routing as the dropped sentinel (id ``E``, weight 0), which the
+        dispatchers never send. Returns the routing left for the real experts
+        and the zero experts' summed output (``None`` when it is zero).
+        """
+        E = self.spec.num_experts
+        zero_TK = indices_TK >= E
+        zero_TD = None
+        if self.spec.zero_expert_output == "identity":
+            weight_T1 = torch.where(zero_TK, weights_TK, 0.0).sum(dim=-1, keepdim=True)
+            zero_TD = (x_TD * weight_T1).to(x_TD.dtype)  # product in the weights' fp32, as the HF experts do
+        return torch.where(zero_TK, E, indices_TK), torch.where(zero_TK, 0.0, weights_TK), zero_TD
 
     def _routed_experts(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
         """Dispatch, run the experts, combine; folded, on this lane's rows only."""
@@ -149,8 +180,12 @@ class MoELayer(nn.Module):
     def _priority(self, routed: RouterOutput) -> torch.Tensor:
         """Routing probability of each choice, the order the ``probs`` drop policy keeps."""
         logits_TE = routed.logits_TE.detach()
-        scores_TE = torch.sigmoid(logits_TE) if self.spec.router.scoring == "sigmoid" else logits_TE.softmax(-1)
+        scores_TE = torch.sigmoid(logits_TE) if self._sigmoid_scores else logits_TE.softmax(-1)
         return scores_TE.gather(1, routed.indices_TK)
+
+    @property
+    def _sigmoid_scores(self) -> bool:
+        return self.spec.router.scoring in SIGMOID_SCORINGS
 
     def _balance(self, routed: RouterOutput, shape: torch.Size, dropped_E: torch.Tensor | None) -> None:
         """Balancing losses of this forward (with autograd when their coefficient is set) and load counts.
@@ -161,22 +196,32 @@ class MoELayer(nn.Module):
         cfg = self.balance
         batch = shape[0] if len(shape) == 3 else 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.enabled_losses)):
-            losses = bal.measure_losses(
-                cfg, routed.logits_TE, routed.indices_TK, self.spec.router.scoring, batch, self.stats_group
-            )
+            scoring = "sigmoid" if self._sigmoid_scores else self.spec.router.scoring
+            losses = bal.measure_losses(cfg, routed.logits_TE, routed.indices_TK, scoring, batch, self.stats_group)
         self.balance_losses = {name: value for name, value in losses.items() if cfg.coef(name) > 0}
         self.load_stats.record(bal.expert_counts(routed.indices_TK, self.spec.num_experts), dropped_E, losses)
 
     def _apply_local_experts(
         self, x_ND: torch.Tensor, local_NK: torch.Tensor, weights_NK: torch.Tensor
     ) -> torch.Tensor:
-        """Run each (row, choice) on its local expert and sum the weighted results per row."""
-        assignments = group_by_expert(local_NK, self.num_local_experts)
-        counts_E = assignments.counts_E
+        """Run each (row, choice) on its local expert and sum the weighted results per row.
+
+        The weight scales the expert's output, or (``weights_scale_input``) its
+        input row, whose outputs are then summed as they are. A row carries the
+        weights of all its choices owned here, so either way each assignment
+        gets exactly its own weight.
+        """
+        a = group_by_expert(local_NK, self.num_local_experts)
+        counts_E = a.counts_E
         self.tokens_per_expert = counts_E  # routed (token, expert) pairs each local expert got, for load metrics
         counts_list = counts_E.tolist() if self.experts.uses_loop(x_ND) else None
-        y_AD = self.experts(x_ND[assignments.row_A], counts_E, counts_list, assignments.expert_A)
-        return combine_rows(y_AD, weights_NK, assignments, x_ND.shape[0])
+        x_AD = x_ND[a.row_A]
+        if self.spec.weights_scale_input:
+            x_AD = x_AD * weights_NK[a.row_A, a.slot_A].to(x_AD.dtype).unsqueeze(-1)
+        y_AD = self.experts(x_AD, counts_E, counts_list, a.expert_A)
+        if self.spec.weights_scale_input:
+            return y_AD.new_zeros((x_ND.shape[0], y_AD.shape[1])).index_add(0, a.row_A, y_AD)
+        return combine_rows(y_AD, weights_NK, a, x_ND.shape[0])
 
     # The MoE-site interface shared with the experts path (autoep.moe.sites).
     @property

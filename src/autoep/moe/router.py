@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Scoring = Literal["softmax", "sigmoid", "topk_softmax"]
+Scoring = Literal["softmax", "sigmoid", "topk_softmax", "topk_sigmoid"]
+SIGMOID_SCORINGS = ("sigmoid", "topk_sigmoid")
+"""Scorings whose per-expert probabilities are sigmoids (for the balancing losses and the ``probs`` drop policy)."""
 GroupScore = Literal["max", "top2_sum"]
 
 
@@ -23,10 +25,15 @@ class RouterConfig:
 
     scoring:
         ``softmax`` (Mixtral, Qwen, OLMoE, DeepSeek-V2), ``sigmoid``
-        (DeepSeek-V3, GLM-4-MoE) or ``topk_softmax`` (GPT-OSS: top-k on the
-        raw logits, then a softmax over the k chosen logits).
+        (DeepSeek-V3, GLM-4-MoE), ``topk_softmax`` (GPT-OSS: top-k on
+        the raw logits, then a softmax over the k chosen logits) or
+        ``topk_sigmoid`` (Llama 4: top-k on the raw logits, then the sigmoid of
+        each chosen logit).
     norm_topk_prob:
         Renormalise the k chosen weights to sum to one.
+    norm_p:
+        With ``norm_topk_prob``, divide by the ``p``-norm of the k weights
+        instead of their sum (DBRX's ``moe_normalize_expert_weights``).
     n_group / topk_group / group_score:
         Group-limited routing: experts are split into ``n_group`` groups, each
         group is scored (``max`` score for DeepSeek-V2, sum of the two best for
@@ -51,6 +58,7 @@ class RouterConfig:
     routed_scaling_factor: float = 1.0
     router_bias: bool = False
     norm_eps: float = 0.0
+    norm_p: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
@@ -82,38 +90,63 @@ class TopKRouter(nn.Module):
     """Linear gate plus the family's top-k selection rule.
 
     Parameter names (``weight``, ``bias``, ``e_score_correction_bias``) match the
-    HF router modules, so state dicts keep their keys after conversion.
+    HF router modules, so state dicts keep their keys after conversion. Routers
+    whose gate is a child linear (DBRX's ``router.layer``, LongCat's
+    ``router.classifier``) get the same child under ``linear_name``; its bias is
+    kept when ``linear_bias`` (LongCat declares one) but only added to the
+    logits when ``config.router_bias`` says the family uses it.
     """
 
-    def __init__(self, config: RouterConfig, hidden_size: int) -> None:
+    def __init__(
+        self, config: RouterConfig, hidden_size: int, linear_name: str | None = None, linear_bias: bool = False
+    ) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
-        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
+        self._linear_name = linear_name
+        has_bias = config.router_bias or linear_bias
+        if linear_name is None:
+            self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
+            self.bias = nn.Parameter(torch.zeros(config.num_experts)) if has_bias else None
+        else:
+            self.add_module(linear_name, nn.Linear(hidden_size, config.num_experts, bias=has_bias))
         if config.use_correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
 
+    @property
+    def gate_linear(self) -> nn.Module:
+        """The module holding the gate's ``weight`` (and ``bias``): this router or its linear child."""
+        return self if self._linear_name is None else self._modules[self._linear_name]
+
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config
-        bias = None if self.bias is None else self.bias.float()
-        logits_TE = F.linear(x_TD.float(), self.weight.float(), bias)
-        if cfg.scoring == "topk_softmax":
+        linear = self.gate_linear
+        bias = linear.bias.float() if cfg.router_bias else None
+        logits_TE = F.linear(x_TD.float(), linear.weight.float(), bias)
+        if cfg.scoring in ("topk_softmax", "topk_sigmoid"):
             with torch.no_grad():
                 bias_E = self.e_score_correction_bias
                 choice_TE = logits_TE if bias_E is None else logits_TE + bias_E
                 indices_TK = torch.topk(choice_TE, cfg.top_k, dim=-1).indices
-            weights_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
+            chosen_TK = logits_TE.gather(1, indices_TK)
+            weights_TK = torch.softmax(chosen_TK, dim=-1) if cfg.scoring == "topk_softmax" else torch.sigmoid(chosen_TK)
         else:
             scores_TE = torch.softmax(logits_TE, dim=-1) if cfg.scoring == "softmax" else torch.sigmoid(logits_TE)
             indices_TK = self._select(scores_TE)
             weights_TK = scores_TE.gather(1, indices_TK)
         if cfg.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + cfg.norm_eps)
+            weights_TK = weights_TK / self._norm(weights_TK)
         if cfg.routed_scaling_factor != 1.0:
             weights_TK = weights_TK * cfg.routed_scaling_factor
         return RouterOutput(logits_TE, weights_TK, indices_TK)
+
+    def _norm(self, weights_TK: torch.Tensor) -> torch.Tensor:
+        """What the k weights are divided by: their sum (+ eps), or their p-norm."""
+        cfg = self.config
+        if cfg.norm_p is not None:
+            return torch.norm(weights_TK, p=cfg.norm_p, dim=-1, keepdim=True)  # DBRX's own call
+        return weights_TK.sum(dim=-1, keepdim=True) + cfg.norm_eps
 
     @torch.no_grad()
     def _select(self, scores_TE: torch.Tensor) -> torch.Tensor:

@@ -62,3 +62,16 @@ def moe_sites(model: nn.Module) -> list[tuple[str, MoESite]]:
         if site is not None:
             found.append((path.rpartition(".")[0], site))
     return found
+
+
+def owned_rows(site: MoESite, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The rows of ``full`` (a global expert tensor or its gradient) that this rank's shard of ``param`` holds.
+
+    Experts ``[expert_start, expert_end)`` own ``rows`` consecutive rows each: one for stacked ``[E, ...]``
+    tensors, F for flattened ``[E*F, ...]`` ones (DBRX). Rows past the real experts (LongCat's unread
+    zero-expert rows) belong to nobody.
+    """
+    from autoep.moe.experts import local_tensor
+
+    rows = local_tensor(param).shape[0] // (site.expert_end - site.expert_start)
+    return full[site.expert_start * rows : site.expert_end * rows]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from autoep.moe.experts import ExpertLayout
 from autoep.moe.router import RouterConfig
+
+ZeroExpertOutput = Literal["identity", "zero"]
+"""What a zero-computation expert returns for its rows: the input itself, or nothing."""
 
 
 @dataclass(frozen=True)
@@ -14,6 +18,26 @@ class MoESpec:
 
     The ``*_attr`` fields are the block's own child names; the converted layer
     registers its children under the same names so parameter keys do not change.
+
+    ``router_linear``: the router's gate is a linear child of that name (DBRX
+    ``layer``, LongCat ``classifier``) rather than the router's own ``weight``;
+    ``router_linear_bias``: that linear holds a bias (kept for its key, used
+    only if ``router.router_bias``). ``act_fn_attr``: where the experts'
+    activation module lives in the block.
+
+    ``zero_experts``: the router scores ``num_experts + zero_experts`` choices;
+    the last ``zero_experts`` are zero-computation experts (LongCat-Flash) that
+    return ``zero_expert_output`` for their rows, computed where the token
+    lives on every rank, never dispatched. ``unused_in_rows``: rows the HF
+    in-projection allocates past the real experts and never reads (LongCat
+    sizes ``gate_up_proj`` for the zero experts too); the converted layer holds
+    only the real experts' rows and exports these as zeros.
+
+    ``weights_scale_input``: the routing weight multiplies the expert's *input*
+    rows, and expert outputs are summed unweighted (Llama 4); otherwise it
+    multiplies the output. ``returns_router_scores`` / ``returns_router_logits``:
+    the block returns ``(out, weights)`` (GPT-OSS) / ``(out, router_logits)``
+    (Llama 4); ``flat_output``: ``out`` is ``[T, D]`` rows, not the input's shape.
     """
 
     family: str
@@ -26,10 +50,28 @@ class MoESpec:
     shared_gate_attr: str | None = None
     returns_router_scores: bool = False
     jitter_noise: float = 0.0
+    router_linear: str | None = None
+    router_linear_bias: bool = False
+    act_fn_attr: str = "experts.act_fn"
+    zero_experts: int = 0
+    zero_expert_output: ZeroExpertOutput = "identity"
+    unused_in_rows: int = 0
+    weights_scale_input: bool = False
+    returns_router_logits: bool = False
+    flat_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.returns_router_scores and self.returns_router_logits:
+            raise ValueError("a block returns either its router scores or its router logits, not both")
+        if not 0 <= self.zero_experts < self.router.num_experts:
+            raise ValueError(
+                f"zero_experts={self.zero_experts} must leave some real experts among {self.router.num_experts}"
+            )
 
     @property
     def num_experts(self) -> int:
-        return self.router.num_experts
+        """Real (routed, expert-parallel) experts; zero-computation experts are not counted."""
+        return self.router.num_experts - self.zero_experts
 
     @property
     def scoring_name(self) -> str:
@@ -41,9 +83,13 @@ class MoESpec:
         if r.use_correction_bias:
             parts.append("bias")
         if r.norm_topk_prob:
-            parts.append("norm")
+            parts.append("norm" if r.norm_p is None else f"norm p={r.norm_p:g}")
         if r.routed_scaling_factor != 1.0:
             parts.append(f"x{r.routed_scaling_factor:g}")
+        if self.zero_experts:
+            parts.append(f"+{self.zero_experts} zero experts")
+        if self.weights_scale_input:
+            parts.append("weights scale input")
         return ", ".join(parts)
 
 
