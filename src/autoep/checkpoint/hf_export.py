@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
 from autoep.checkpoint.hf_layout import DiskLayout, disk_layout, split_for_disk
+from autoep.checkpoint.integrity import verify_checkpoint
 from autoep.checkpoint.manager import full_tensor, read_metadata, resolve_checkpoint
 from autoep.checkpoint.safetensors_io import ShardWriter
 from autoep.errors import CheckpointError
@@ -137,6 +138,7 @@ def export_checkpoint(
 
     step_dir = resolve_checkpoint(checkpoint)
     read_metadata(step_dir)
+    verify_checkpoint(step_dir)
     config_file = step_dir / HF_CONFIG
     if not config_file.is_file():
         raise CheckpointError(f"{step_dir} has no {HF_CONFIG}: it was not saved from a Hugging Face model")

@@ -11,6 +11,10 @@ Writes go to ``ROOT/.step_00000300.partial`` first; only when every rank has
 finished does rank 0 rename it into place, then update ``latest`` (atomically,
 by ``os.replace``), then prune old steps. A save that dies midway leaves the
 previous checkpoint and ``latest`` untouched; the next save clears the debris.
+A save that fails (disk full, permissions) raises the same
+:class:`CheckpointError` on every rank, with the previous checkpoint intact.
+Every file carries a CRC-32 taken while it was written
+(:mod:`autoep.checkpoint.integrity`), verified before a load touches any tensor.
 
 Expert weights and their optimizer states are DTensors of the global
 ``[E, ...]`` shape, so DCP reshards on load: the world size, ep_size and ZeRO
@@ -37,10 +41,18 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from autoep.checkpoint.integrity import (
+    ChecksumWriter,
+    file_checksum,
+    verify_checkpoint,
+    write_manifest,
+    written_checksums,
+)
 from autoep.errors import CheckpointError
 from autoep.parallel.fsdp import reshard_all
 
@@ -131,6 +143,76 @@ def _prune(root: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _first_line(err: BaseException) -> str:
+    """DCP's exception text holds every failing rank's traceback: keep each rank's final error line."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in sorted(failures.items()))
+    return f"{type(err).__name__}: {err}"
+
+
+def _attempt(action, *args) -> str | None:
+    """Run ``action``; the error as one line if it fails (to be agreed on by every rank)."""
+    try:
+        action(*args)
+    except Exception as err:  # disk full, permissions, a path that is in the way...
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _agree(error: str | None, what: str, root: Path) -> None:
+    """Every rank learns every rank's error and raises the same :class:`CheckpointError`."""
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * _world()
+        dist.all_gather_object(errors, error)
+    failed = [f"rank {rank}: {e}" for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        raise CheckpointError(
+            f"saving a checkpoint to {root} failed while {what} ({'; '.join(failed[:3])}); "
+            "the previous checkpoint and 'latest' are untouched"
+        )
+
+
+def _prepare(root: Path, partial: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for debris in root.glob(".*.partial"):  # left by an earlier save that died
+        shutil.rmtree(debris, ignore_errors=True)
+    partial.mkdir()
+
+
+def _write_rank_files(partial: Path, writer: ChecksumWriter) -> None:
+    """This rank's RNG states, and the checksums of everything it wrote."""
+    rng_file = partial / "rng" / f"rank_{_rank():05d}.pt"
+    rng_file.parent.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng_file)
+    entries = written_checksums(writer, partial)
+    entries[str(rng_file.relative_to(partial))] = file_checksum(rng_file)
+    write_manifest(partial, _rank(), entries)
+
+
+def _finalize(root: Path, partial: Path, final: Path, meta: dict[str, Any], model: nn.Module, keep_last) -> None:
+    """Rank 0: metadata files, then the atomic swap into place, ``latest``, pruning."""
+    hf_config = getattr(model, "config", None)
+    written = [META_FILE]
+    if hf_config is not None and hasattr(hf_config, "to_json_string"):
+        _write_text_atomic(partial / "hf_config.json", hf_config.to_json_string())
+        written.append("hf_config.json")
+    _write_text_atomic(partial / META_FILE, json.dumps(meta, indent=1))
+    write_manifest(partial, 0, {name: file_checksum(partial / name) for name in written})
+    name = final.name
+    if final.exists():  # re-saving a step: swap only once the new one is complete
+        stale = root / f".{name}.old"
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _write_text_atomic(root / LATEST, name)
+    if keep_last is not None:
+        _prune(root, keep_last, protect=name)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -144,24 +226,31 @@ def save_checkpoint(
 
     ``extra`` must be JSON-serialisable (put the data position under
     ``"data_position"``; it defaults to ``step``). Returns the final directory.
+    A failure on any rank raises :class:`CheckpointError` on every rank.
     """
     root = Path(path)
     name = step_dir_name(step)
     final, partial = root / name, root / f".{name}.partial"
     extra = dict(extra or {})
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for debris in root.glob(".*.partial"):  # left by an earlier save that died
-            shutil.rmtree(debris, ignore_errors=True)
-        partial.mkdir()
-    _barrier()
+    _agree(_attempt(_prepare, root, partial) if _rank() == 0 else None, "preparing its directory", root)
     reshard_all(model)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=_OPTIONS)
-    with _single_process_is_fine():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
-    (partial / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
+    writer = ChecksumWriter(partial)
+    try:
+        with _single_process_is_fine():
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=str(partial),
+                storage_writer=writer,
+                no_dist=not dist.is_initialized(),
+            )
+    except (Exception, CheckpointException) as err:  # DCP gathers every rank's write errors, raises on all
+        raise CheckpointError(
+            f"saving step {step} to {root} failed while writing tensors: {_first_line(err)}; "
+            "the previous checkpoint and 'latest' are untouched"
+        ) from None
+    _agree(_attempt(_write_rank_files, partial, writer), "writing RNG states and checksums", root)
+    error = None
     if _rank() == 0:
         state = getattr(model, "autoep", None)
         meta = {
@@ -174,21 +263,8 @@ def save_checkpoint(
             "model": model_fingerprint(model),
             "extra": extra,
         }
-        hf_config = getattr(model, "config", None)
-        if hf_config is not None and hasattr(hf_config, "to_json_string"):
-            _write_text_atomic(partial / "hf_config.json", hf_config.to_json_string())
-        _write_text_atomic(partial / META_FILE, json.dumps(meta, indent=1))
-        if final.exists():  # re-saving a step: swap only once the new one is complete
-            stale = root / f".{name}.old"
-            os.replace(final, stale)
-            os.replace(partial, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-        _write_text_atomic(root / LATEST, name)
-        if keep_last is not None:
-            _prune(root, keep_last, protect=name)
-    _barrier()
+        error = _attempt(_finalize, root, partial, final, meta, model, keep_last)
+    _agree(error, "committing it", root)
     return final
 
 
@@ -286,14 +362,16 @@ def load_checkpoint(
 
     The model may be laid out differently from when it was saved (world size,
     ep_size, ZeRO stage). RNG states are restored when the world size matches.
-    Names, global shapes, the model type and the presence and size of every
-    shard file are checked before any tensor is touched, so a checkpoint that
-    does not fit, or is truncated, leaves the model as it was.
+    Names, global shapes, the model type, the presence and size of every
+    shard file and every file's checksum are checked before any tensor is
+    touched, so a checkpoint that does not fit, is truncated or was damaged on
+    disk leaves the model as it was.
     """
     step_dir = resolve_checkpoint(path)
     saved = read_metadata(step_dir)
     check_compatible(model, saved, step_dir)
     metadata = verify_files(step_dir)
+    verify_checkpoint(step_dir)
     reshard_all(model)
     options = _OPTIONS if _flat_optimizer_state(metadata) else StateDictOptions()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=options)

@@ -1,4 +1,4 @@
-"""``autoep`` entry point: subcommands ``train``, ``inspect``, ``verify``, ``export`` and ``report``.
+"""``autoep`` entry point: subcommands ``train``, ``inspect``, ``verify``, ``export``, ``report`` and ``check``.
 
 Errors autoep raises on purpose (:class:`~autoep.errors.AutoEPError`) print as
 one line on stderr and exit with status 2; no traceback.
@@ -83,13 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autoep", description="Automatic expert parallelism for Hugging Face MoE models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from autoep.cli import report, train
+    from autoep.cli import check, report, train
 
     train.add_parser(sub)
     _add_inspect(sub)
     _add_verify(sub)
     _add_export(sub)
     report.add_parser(sub)
+    check.add_parser(sub)
     return parser
 
 
