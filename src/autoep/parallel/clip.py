@@ -48,14 +48,17 @@ def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model_or_params: nn.Module | Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(
+    model_or_params: nn.Module | Iterable[nn.Parameter], max_norm: float, *, norm: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scale all gradients so their global norm is at most ``max_norm``; return the norm before clipping.
 
     Same rule as ``torch.nn.utils.clip_grad_norm_``: the scale is
-    ``max_norm / (norm + 1e-6)``, applied only when it is below 1.
+    ``max_norm / (norm + 1e-6)``, applied only when it is below 1. ``norm``: the
+    global norm if already computed (it is a collective; do it once).
     """
     params = list(model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params)
-    norm = global_grad_norm(params)
+    norm = global_grad_norm(params) if norm is None else norm
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     local_grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if local_grads:
