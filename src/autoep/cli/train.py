@@ -13,7 +13,9 @@ import time
 from typing import Any
 
 from autoep.errors import AutoEPError
+from autoep.launch import DEFAULT_RDZV_TIMEOUT, SHARED_RUN_ID
 
+STATIC_PORT = 29500  # torchrun's --master-port default
 DEFAULTS = {"ep_size": 2, "zero_stage": 3, "micro_batch_size": 4, "lr": 1e-3}
 _BALANCE_FLAGS = (
     "aux_loss_coef",
@@ -94,11 +96,69 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--stop-at", type=int, help="stop after this step (the schedule still follows --steps), e.g. to split a run"
     )
+    g = p.add_argument_group("faults")
+    g.add_argument(
+        "--on-nonfinite",
+        choices=["skip", "stop"],
+        default="skip",
+        help="a step with a NaN/Inf loss or gradient norm: drop its update (default) or stop",
+    )
+    g.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=5,
+        help="stop after this many non-finite steps in a row (default: 5)",
+    )
+    g.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a collective may wait for the other ranks; then every rank fails naming its step and "
+        "phase instead of hanging (default: 600)",
+    )
+    g.add_argument(
+        "--heartbeat",
+        metavar="DIR",
+        help="every rank keeps DIR/rank_N.txt at its current step and phase (to see where a hung job is)",
+    )
+    g.add_argument(
+        "--preempt-signal",
+        choices=["SIGTERM", "SIGUSR1"],
+        default="SIGTERM",
+        help="on this signal every rank finishes its step, saves a checkpoint and the job exits with code 75 "
+        "(default: SIGTERM)",
+    )
     g = p.add_argument_group("launcher (torch elastic)")
     g.add_argument("--nproc-per-node", type=int, help="processes per machine (default: GPUs, or 4 on CPU)")
     g.add_argument("--nnodes", default="1", help="machines, N or MIN:MAX (default: 1)")
-    g.add_argument("--rdzv-endpoint", default="localhost:0", help="host:port of the rendezvous (multi-node)")
-    g.add_argument("--rdzv-backend", default="c10d", help="rendezvous backend (default: c10d)")
+    g.add_argument(
+        "--rdzv-endpoint",
+        help="HOST:PORT where the nodes meet, reachable from every node (default: localhost:0, one machine only)",
+    )
+    g.add_argument("--rdzv-backend", default="c10d", help="rendezvous backend: c10d (default) or static")
+    g.add_argument(
+        "--rdzv-id",
+        help=f"job id, the same on every node (default: {SHARED_RUN_ID!r} with an --rdzv-endpoint, else random); "
+        "jobs sharing an endpoint at the same time need different ids",
+    )
+    g.add_argument(
+        "--rdzv-timeout",
+        type=int,
+        default=DEFAULT_RDZV_TIMEOUT,
+        help=f"seconds to wait for every node to join; then exit 2 (default: {DEFAULT_RDZV_TIMEOUT})",
+    )
+    g.add_argument("--node-rank", type=int, help="this node's rank, 0..N-1 (static backend only)")
+    g.add_argument("--master-addr", help="address of the node with --node-rank 0 (static backend only)")
+    g.add_argument(
+        "--master-port", type=int, help=f"port on --master-addr (static backend only; default: {STATIC_PORT})"
+    )
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="after a worker fails, restart all workers up to N times; they resume from OUTPUT/checkpoints/latest "
+        "(default: 0)",
+    )
     p.set_defaults(func=run)
 
 
@@ -165,6 +225,107 @@ def _planned_world(args: argparse.Namespace) -> tuple[int, int | None]:
     return nproc, nproc * int(min_nodes) if fixed else None
 
 
+def _parse_nnodes(value: str) -> tuple[int, int]:
+    low, _, high = value.partition(":")
+    try:
+        min_nodes, max_nodes = int(low), int(high or low)
+    except ValueError:
+        min_nodes = max_nodes = 0
+    if not 1 <= min_nodes <= max_nodes:
+        raise AutoEPError(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {value!r}")
+    return min_nodes, max_nodes
+
+
+def _endpoint_port(endpoint: str) -> int:
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    try:
+        return parse_rendezvous_endpoint(endpoint, default_port=29400)[1]
+    except ValueError:
+        raise AutoEPError(f"--rdzv-endpoint must be HOST:PORT, got {endpoint!r}") from None
+
+
+def _static_endpoint(args: argparse.Namespace, nodes: int) -> str:
+    """The static backend's meeting point: node 0's address, and every other node's rank, named up front."""
+    if args.rdzv_endpoint and (args.master_addr or args.master_port):
+        raise AutoEPError("give the static backend's host once: --master-addr/--master-port or --rdzv-endpoint")
+    if not args.rdzv_endpoint and not args.master_addr:
+        raise AutoEPError("--rdzv-backend static needs --master-addr HOST, the node started with --node-rank 0")
+    if nodes > 1 and args.node_rank is None:
+        raise AutoEPError(f"--rdzv-backend static with --nnodes {nodes} needs --node-rank 0..{nodes - 1} on each node")
+    if args.node_rank is not None and not 0 <= args.node_rank < nodes:
+        raise AutoEPError(f"--node-rank must be in 0..{nodes - 1} for --nnodes {nodes}, got {args.node_rank}")
+    return args.rdzv_endpoint or f"{args.master_addr}:{args.master_port or STATIC_PORT}"
+
+
+def _launcher_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the launcher flags before anything starts; ``run_local``'s keyword arguments.
+
+    Mistakes here would otherwise surface as nodes that wait for each other
+    until the rendezvous times out, or as a torch traceback per node.
+    """
+    min_nodes, max_nodes = _parse_nnodes(args.nnodes)
+    if args.max_restarts < 0:
+        raise AutoEPError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.rdzv_timeout < 1:
+        raise AutoEPError(f"--rdzv-timeout must be >= 1 second, got {args.rdzv_timeout}")
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        raise AutoEPError(f"--master-port must be in 1..65535, got {args.master_port}")
+    if args.rdzv_backend == "static":
+        if args.max_restarts > 0:
+            raise AutoEPError(
+                "--max-restarts needs --rdzv-backend c10d: torch's static backend hands restarted workers the "
+                "failed attempt's store, where their initialisation can hang"
+            )
+        if min_nodes != max_nodes:
+            raise AutoEPError(f"--rdzv-backend static needs a fixed --nnodes N, got {args.nnodes!r}")
+        endpoint = _static_endpoint(args, max_nodes)
+    else:
+        for flag, value in (("--node-rank", args.node_rank), ("--master-addr", args.master_addr)):
+            if value is not None:
+                raise AutoEPError(f"{flag} is only read by --rdzv-backend static; c10d meets at --rdzv-endpoint")
+        if args.master_port is not None:
+            raise AutoEPError("--master-port is only read by --rdzv-backend static; c10d meets at --rdzv-endpoint")
+        endpoint = args.rdzv_endpoint or "localhost:0"
+    if max_nodes > 1 and args.save_every and not args.output:
+        raise AutoEPError(
+            "a multi-node run that saves checkpoints needs the same --output on every node, in a directory all "
+            "nodes share (the default name carries each node's own start time)"
+        )
+    if _endpoint_port(endpoint) == 0 and max_nodes > 1:
+        raise AutoEPError(
+            f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT with a fixed port on a host every node can "
+            f"reach (the first node's address); {endpoint} only works on one machine"
+        )
+    return {
+        "nnodes": f"{min_nodes}:{max_nodes}",
+        "rdzv_endpoint": endpoint,
+        "rdzv_backend": args.rdzv_backend,
+        "rdzv_id": args.rdzv_id,
+        "node_rank": args.node_rank,
+        "rdzv_timeout": args.rdzv_timeout,
+        "max_restarts": args.max_restarts,
+    }
+
+
+def _check_fresh_start(args: argparse.Namespace) -> None:
+    """With restarts: refuse a directory whose checkpoints a restart would take for this run's.
+
+    A restarted attempt resumes from OUTPUT/checkpoints/latest (autoep.train.restart);
+    if a fresh start without --resume reused a directory that already holds
+    checkpoints, a failure before this run's first save would continue the old run.
+    Checked once, in the launcher: inside torchrun a worker cannot tell a fresh
+    start from a restart that its own agent did not count.
+    """
+    from autoep.train.restart import has_checkpoint
+
+    if not args.resume and has_checkpoint(args.output):
+        raise AutoEPError(
+            f"{args.output} already holds checkpoints and restarts are enabled: pass --resume to continue that run, "
+            "or choose a new --output"
+        )
+
+
 def _validate(args: argparse.Namespace, config, world: int | None) -> None:
     from pathlib import Path
 
@@ -179,6 +340,7 @@ def _validate(args: argparse.Namespace, config, world: int | None) -> None:
         ("--save-every", args.save_every),
         ("--keep-last", args.keep_last),
         ("--stop-at", args.stop_at),
+        ("--max-skipped-steps", args.max_skipped_steps),
     ):
         if value is not None and value < 1:
             raise AutoEPError(f"{name} must be >= 1, got {value}")
@@ -197,13 +359,25 @@ def _validate(args: argparse.Namespace, config, world: int | None) -> None:
         validate_tensor_parallel(meta, config.tp_size)
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective waited past --collective-timeout; the message says where this rank was."""
+
+
 def _worker(job) -> dict[str, Any]:
+    from autoep.launch import collective_timeout
+    from autoep.train.heartbeat import describe_timeout, is_timeout
     from autoep.train.loop import run_training
 
     try:
         return run_training(job)
     except AutoEPError as err:  # raised identically on every rank: report it once, from the parent
         return {"error": str(err)}
+    except Exception as err:
+        if not is_timeout(err):
+            raise
+        timeout = collective_timeout()
+        # Not an error dict: this rank must exit non-zero so that torch elastic stops the job.
+        raise CollectiveTimeout(describe_timeout(err, timeout.total_seconds() if timeout else None)) from None
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -224,9 +398,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     from autoep.train.loop import TrainJob
 
+    launcher = None if _inside_torchrun() else _launcher_settings(args)
     config = build_config(args)
     nproc, world = _planned_world(args)
     _validate(args, config, world)
+    if launcher is not None and launcher["max_restarts"] > 0:
+        _check_fresh_start(args)
     output = args.output or os.path.join(
         "runs", f"{os.path.basename(args.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -242,38 +419,100 @@ def run(args: argparse.Namespace) -> int:
         keep_last=args.keep_last,
         resume=args.resume,
         stop_at=args.stop_at,
+        nonfinite_policy=args.on_nonfinite,
+        max_skipped_steps=args.max_skipped_steps,
+        preempt_signal=args.preempt_signal,
+        heartbeat_dir=args.heartbeat,
     )
+    if args.collective_timeout <= 0:
+        raise AutoEPError(f"--collective-timeout must be > 0 seconds, got {args.collective_timeout}")
+    from autoep.launch import COLLECTIVE_TIMEOUT_ENV
+
+    os.environ[COLLECTIVE_TIMEOUT_ENV] = str(args.collective_timeout)  # read by every worker's process group
     if _inside_torchrun():
         summary = _run_in_this_process(job)
     else:
-        from autoep.launch import run_local
-
-        results = run_local(
-            _worker,
-            nproc,
-            job,
-            nnodes=args.nnodes,
-            rdzv_endpoint=args.rdzv_endpoint,
-            rdzv_backend=args.rdzv_backend,
-        )
-        summary = results.get(0)
+        summary = _launch(job, nproc, launcher)
         if summary is None:  # this node does not host global rank 0
             return 0
     if "error" in summary:
         raise AutoEPError(summary["error"])
+    if summary.get("preempted"):
+        return _preempted(job)
     if int(os.environ.get("RANK", 0)) == 0:
         _print_summary(summary)
     return 0
 
 
+def _launch(job, nproc: int, launcher: dict[str, Any]) -> dict[str, Any] | None:
+    """Run the workers; rank 0's summary (``None`` on a node without rank 0).
+
+    A preemption signal sent to this launcher reaches the workers (torch
+    elastic forwards SIGTERM; SIGUSR1 is forwarded here), which save and
+    return; torch elastic then re-raises the signal as ``SignalException``,
+    answered from the checkpoint the workers left.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from autoep.launch import run_local
+    from autoep.train.preemption import forward_to_children
+
+    if job.preempt_signal != "SIGTERM":
+        forward_to_children(job.preempt_signal)
+    try:
+        results = run_local(_worker, nproc, job, **launcher)
+    except SignalException:
+        if _last_checkpoint_preempted(job):
+            return {"preempted": True}
+        raise
+    except ChildFailedError as err:
+        timeouts = _timeout_lines(err)
+        if timeouts:
+            raise AutoEPError("; ".join(timeouts[:4])) from None
+        raise
+    return results.get(0)
+
+
+def _timeout_lines(err: BaseException) -> list[str]:
+    """The one-line reports of ranks whose collectives timed out, from torch elastic's failure records."""
+    lines = []
+    for failure in getattr(err, "failures", {}).values():
+        message = getattr(failure, "message", "") or ""
+        text = str(message.get("message", "") if isinstance(message, dict) else message)
+        lines += [line.strip() for line in text.splitlines() if "a collective timed out" in line]
+    return sorted(set(lines))
+
+
+def _last_checkpoint_preempted(job) -> bool:
+    from pathlib import Path
+
+    from autoep.checkpoint.manager import read_metadata, resolve_checkpoint
+    from autoep.errors import CheckpointError
+
+    try:
+        meta = read_metadata(resolve_checkpoint(Path(job.output) / "checkpoints"))
+    except CheckpointError:
+        return False
+    return bool((meta.get("extra") or {}).get("preempted"))
+
+
+def _preempted(job) -> int:
+    from autoep.train.preemption import EXIT_PREEMPTED
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"autoep train: preempted; checkpoint saved in {job.output}/checkpoints, continue with --resume")
+    return EXIT_PREEMPTED
+
+
 def _run_in_this_process(job) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from autoep.launch import default_backend
+    from autoep.launch import collective_timeout, default_backend
 
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(default_backend())
+        dist.init_process_group(default_backend(), timeout=collective_timeout())
     try:
         return _worker(job)
     finally:

@@ -20,7 +20,11 @@ from autoep.optim import build_optimizer
 from autoep.parallel.groups import local_device
 from autoep.parallelize import parallelize
 from autoep.train.data import TokenBatches, builtin_corpus, read_text, tokenize
+from autoep.train.heartbeat import heartbeat, install_moe_phase_hooks, mark
 from autoep.train.metrics import MetricsLog, Progress, load_record
+from autoep.train.nonfinite import NonFiniteGuard
+from autoep.train.preemption import PreemptionWatcher
+from autoep.train.restart import should_resume
 from autoep.train.step import train_step
 from autoep.train.tensorboard import TensorBoardLog
 
@@ -41,6 +45,10 @@ class TrainJob:
     keep_last: int | None = 3
     resume: bool = False
     stop_at: int | None = None
+    nonfinite_policy: str = "skip"
+    max_skipped_steps: int = 5
+    preempt_signal: str = "SIGTERM"
+    heartbeat_dir: str | None = None
 
     @property
     def checkpoint_root(self) -> Path | None:
@@ -103,7 +111,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     if is_main and dims.tp > 1:
         print(model.autoep.tp_plan, flush=True)  # what tensor parallelism split, and what it left whole
     start = 0
-    if job.resume:
+    if should_resume(job):  # --resume, or a restart after a worker failure
         state = load_checkpoint(job.checkpoint_root, model, optimizer)
         # Per-group lists follow the optimizer's groups, which depend on the layout: take them
         # from the restored optimizer (hyperparameters are saved per parameter), the step from the run.
@@ -131,8 +139,16 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     tokens_per_step = dims.dp * config.gradient_accumulation_steps * config.micro_batch_size * job.seq_len
     device = local_device()
     history: list[dict[str, Any]] = []
+    guard = NonFiniteGuard(job.nonfinite_policy, job.max_skipped_steps)
+    watcher = PreemptionWatcher(job.preempt_signal)
+    heartbeat().rank = rank
+    if job.heartbeat_dir:
+        heartbeat().write_to(job.heartbeat_dir, rank)
+    install_moe_phase_hooks(model)
+    preempted = False
     started = time.perf_counter()
     for step in range(start, last):
+        mark("loading the batch", step=step + 1)
         t0 = time.perf_counter()
         micro = [
             batches.batch(step, m, model.autoep.dp_rank, config.gradient_accumulation_steps).to(device)
@@ -151,20 +167,34 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             "step_time_s": step_time,
             **load_record(result.load, model, capacity=config.load_balancing.capacity_factor is not None),
         }
+        if result.skipped:
+            record.update(skipped=True, nonfinite_modules=result.nonfinite)
+            if is_main:
+                print(f"step {step + 1}: non-finite loss or gradients, update skipped ({result.nonfinite})", flush=True)
+        guard.observe(step + 1, result.skipped, result.loss, result.grad_norm, result.nonfinite)
         history.append(record)
         log.write(record)
         board.write(record)
         progress.update(step + 1, result.loss, record["tokens_per_s"], record.get("expert_imbalance", 1.0))
         done = step + 1
-        if job.save_every and job.checkpoint_root and (done % job.save_every == 0 or done == last):
+        mark("preemption check")
+        preempted = watcher.agreed() and done < last  # every rank stops after the same step
+        periodic = job.save_every and (done % job.save_every == 0 or done == last)
+        if job.checkpoint_root and (periodic or preempted):
+            mark("checkpoint save")
             save_checkpoint(
                 job.checkpoint_root,
                 model,
                 optimizer,
                 step=done,
-                extra={"scheduler": scheduler.state_dict(), "data_position": done},
+                extra={"scheduler": scheduler.state_dict(), "data_position": done, "preempted": preempted},
                 keep_last=job.keep_last,
             )
+        if preempted:
+            if is_main:
+                print(f"preempted ({job.preempt_signal}): saved step {done}; resume with --resume", flush=True)
+            break
+    watcher.close()
     progress.close()
     log.close()
     board.close()
@@ -178,12 +208,14 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "zero_stage": config.zero_stage,
         "steps": len(history),
         "first_step": start + 1,
-        "last_step": last,
+        "last_step": start + len(history),
         "first_loss": sum(r["loss"] for r in history[:window]) / window if history else None,
         "final_loss": sum(r["loss"] for r in history[-window:]) / window if history else None,
         "tokens_per_s": tokens_per_step * len(history) / max(elapsed, 1e-9),
         "seconds": elapsed,
         "final_expert_imbalance": history[-1].get("expert_imbalance") if history else None,
+        "skipped_steps": guard.skipped,
+        "preempted": preempted,
         "output": str(output) if output else None,
     }
     if output is not None and is_main:

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from autoep.load_balance import StepLoadStats, collect_load_stats, step_load_balancing
 from autoep.parallel.clip import clip_grad_norm_, global_grad_norm
+from autoep.train.heartbeat import mark
 from autoep.train.nonfinite import is_finite, nonfinite_modules
 
 
@@ -53,12 +54,15 @@ def train_step(
     count = len(micro_batches)
     for index, input_ids in enumerate(micro_batches):
         _set_sync(model, index == count - 1)
+        mark(f"forward of micro-batch {index + 1}/{count}")
         output = model(input_ids=input_ids, labels=input_ids)
+        mark(f"backward of micro-batch {index + 1}/{count}")
         (output.loss / count).backward()
         totals[0] += output.loss.detach().float().cpu()
         if output.get("balance_loss") is not None:
             totals[1] += output["balance_loss"].float().cpu()
     _set_sync(model, True)
+    mark("global gradient norm")
     norm = global_grad_norm(model.parameters())
     means = totals / count
     if dist.is_initialized():
@@ -75,7 +79,9 @@ def train_step(
         return StepResult(loss, float(norm), loss - balance, load, skipped=True, nonfinite=modules)
     if max_grad_norm:
         clip_grad_norm_(model, max_grad_norm, norm=norm)
+    mark("optimizer step")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    mark("load-balancing statistics")
     load = step_load_balancing(model, stats_group)
     return StepResult(loss=loss, grad_norm=float(norm), lm_loss=loss - balance, load=load)
