@@ -5,7 +5,8 @@ A real fault: one worker of a 4-rank ``autoep train`` gets SIGSTOP mid-run
 next collective until ``--collective-timeout`` expires, then fail with one line
 naming their rank, step and phase; torch elastic stops the rest, and the
 launcher exits non-zero within the timeout plus the launcher's 30 s shutdown
-grace (about 40 s here; the bound allows for a loaded machine). ``--heartbeat DIR`` leaves each rank's last phase on disk.
+grace (about 40 s here; the bound allows for a loaded machine). ``--heartbeat DIR``
+leaves each rank's last phase on disk.
 """
 
 from __future__ import annotations
