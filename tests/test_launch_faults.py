@@ -226,11 +226,29 @@ def test_bad_launcher_flags_are_refused_before_anything_starts(capsys, args, exp
     assert len(err) == 1 and expected in err[0], err
 
 
-def test_a_fresh_start_with_restarts_refuses_a_directory_with_checkpoints(tmp_path: Path, capsys) -> None:
+def test_a_fresh_start_refuses_a_directory_that_holds_a_run(tmp_path: Path, capsys) -> None:
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_00000003")
     assert main(["train", "--max-restarts", "1", "--output", str(tmp_path)]) == 2
-    assert "already holds checkpoints and restarts are enabled: pass --resume" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["train", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (metrics.jsonl" in err and "--overwrite" in err and "--resume" in err
+
+
+def test_overwrite_replaces_the_old_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000099")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 99}\n')
+    command = [sys.executable, "-m", "autoep", "train", "--steps", "2", "--seq-len", "16", "--micro-batch", "1"]
+    result = subprocess.run([*command, "--output", str(tmp_path), "--overwrite"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(steps) == 2 and not (tmp_path / "checkpoints").exists()
 
 
 def test_run_ids_meet_on_a_shared_endpoint_and_stay_apart_locally() -> None:

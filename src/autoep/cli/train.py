@@ -96,6 +96,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--stop-at", type=int, help="stop after this step (the schedule still follows --steps), e.g. to split a run"
     )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --output that already holds a run, removing its metrics and checkpoints",
+    )
     g = p.add_argument_group("faults")
     g.add_argument(
         "--on-nonfinite",
@@ -309,21 +314,40 @@ def _launcher_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_fresh_start(args: argparse.Namespace) -> None:
-    """With restarts: refuse a directory whose checkpoints a restart would take for this run's.
+    """A fresh start (no --resume) refuses an --output that already holds a run, unless --overwrite.
 
-    A restarted attempt resumes from OUTPUT/checkpoints/latest (autoep.train.restart);
-    if a fresh start without --resume reused a directory that already holds
-    checkpoints, a failure before this run's first save would continue the old run.
-    Checked once, in the launcher: inside torchrun a worker cannot tell a fresh
-    start from a restart that its own agent did not count.
+    Appending to another run's metrics or, worse, letting a restart take its
+    checkpoints for this run's (a restarted attempt resumes from
+    OUTPUT/checkpoints/latest, autoep.train.restart) would silently mix two runs.
+    ``--overwrite`` removes the old run's records and checkpoints first. Checked
+    once, in the launcher: inside torchrun a worker cannot tell a fresh start
+    from a restart that its own agent did not count.
     """
+    import shutil
+    from pathlib import Path
+
     from autoep.train.restart import has_checkpoint
 
-    if not args.resume and has_checkpoint(args.output):
+    if args.resume or not args.output:
+        return
+    out = Path(args.output)
+    old = [name for name in _RUN_FILES if (out / name).exists()]
+    if not old and not has_checkpoint(args.output):
+        return
+    if not args.overwrite:
         raise AutoEPError(
-            f"{args.output} already holds checkpoints and restarts are enabled: pass --resume to continue that run, "
-            "or choose a new --output"
+            f"{args.output} already holds a run ({', '.join(old) or 'checkpoints'}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose a new --output"
         )
+    for name in _RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+_RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "tensorboard")
 
 
 def _validate(args: argparse.Namespace, config, world: int | None) -> None:
@@ -402,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     nproc, world = _planned_world(args)
     _validate(args, config, world)
-    if launcher is not None and launcher["max_restarts"] > 0:
+    if launcher is not None:  # inside torchrun a restart looks like a fresh start: see _check_fresh_start
         _check_fresh_start(args)
     output = args.output or os.path.join(
         "runs", f"{os.path.basename(args.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
