@@ -51,10 +51,10 @@ def _worker(fn: Callable[..., Any], backend: str, args: tuple[Any, ...]) -> Any:
     if backend == "gloo":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     dist.init_process_group(backend, timeout=collective_timeout())
-    try:
-        return fn(*args)
-    finally:
-        dist.destroy_process_group()
+    # No teardown when fn raises: a peer may be gone, and destroying the group can wait for it forever.
+    result = fn(*args)
+    dist.destroy_process_group()
+    return result
 
 
 COLLECTIVE_TIMEOUT_ENV = "AUTOEP_COLLECTIVE_TIMEOUT"

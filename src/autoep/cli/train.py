@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Any
 
@@ -400,8 +401,22 @@ def _worker(job) -> dict[str, Any]:
         if not is_timeout(err):
             raise
         timeout = collective_timeout()
-        # Not an error dict: this rank must exit non-zero so that torch elastic stops the job.
-        raise CollectiveTimeout(describe_timeout(err, timeout.total_seconds() if timeout else None)) from None
+        _exit_now(CollectiveTimeout(describe_timeout(err, timeout.total_seconds() if timeout else None)))
+
+
+def _exit_now(err: BaseException) -> None:
+    """Leave this worker at once, non-zero, with ``err`` recorded for torch elastic's failure report.
+
+    After a collective timed out, a peer is gone or stuck: unwinding normally would
+    tear down the process group, which can wait for that peer forever.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    print(f"autoep: error: {err}", file=sys.stderr, flush=True)
+    try:
+        ErrorHandler().record_exception(err)
+    finally:
+        os._exit(1)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -93,3 +93,24 @@ def build_meshes(dims: ParallelDims, zero_stage: int) -> Meshes:
         data=data,
         tp=dense_root["tp"] if dims.tp > 1 else None,
     )
+
+
+def apply_timeout_to_all_groups(timeout) -> int:
+    """Give every process group of this rank the collective timeout of the default group.
+
+    ``init_process_group(timeout=...)`` covers the world group only; the EP,
+    expert-data-parallel and tensor-parallel groups that device meshes create
+    get the backend's default (30 min on gloo, 10 on NCCL), so a peer stuck in
+    an all-to-all would hang them far past ``--collective-timeout``. torch has
+    no public setter for an existing group's timeout; ``_set_pg_timeout`` is
+    the one it uses itself. Returns how many groups were set.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    count = 0
+    for group in list(c10d._world.pg_map):
+        if c10d._rank_not_in_group(group):
+            continue
+        c10d._set_pg_timeout(timeout, group)
+        count += 1
+    return count

@@ -14,10 +14,11 @@ import torch.distributed as dist
 
 from autoep.checkpoint import from_pretrained, load_checkpoint, save_checkpoint
 from autoep.config import AutoEPConfig
+from autoep.launch import collective_timeout
 from autoep.load_balance import moe_layers
 from autoep.models.loading import is_builtin_model, load_model
 from autoep.optim import build_optimizer
-from autoep.parallel.groups import local_device
+from autoep.parallel.groups import apply_timeout_to_all_groups, local_device
 from autoep.parallelize import parallelize
 from autoep.train.data import TokenBatches, builtin_corpus, read_text, tokenize
 from autoep.train.heartbeat import heartbeat, install_moe_phase_hooks, mark
@@ -97,6 +98,9 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     else:  # a HF directory: each rank reads only its own slices
         model = from_pretrained(job.model, config)
     model.train()
+    timeout = collective_timeout()
+    if timeout is not None:  # the mesh groups too, not only the world group
+        apply_timeout_to_all_groups(timeout)
     dims = model.autoep.dims
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(job.warmup_steps, job.steps), job.steps))
