@@ -34,7 +34,7 @@ from autoep.models import zoo
 from autoep.moe import MoELayer
 from autoep.moe.balance import BalanceConfig
 from autoep.moe.experts import local_tensor
-from autoep.moe.sites import moe_sites
+from autoep.moe.sites import moe_sites, owned_rows
 from autoep.moe.spec import MoESpec
 
 FAMILIES = ("llama4", "dbrx", "longcat_flash")
@@ -55,18 +55,6 @@ def _build(model_type: str, seed: int = 0, dbrx_norm_p: float | None = 1.0) -> n
 def _ids(model: nn.Module, rank: int = 0, shape: tuple[int, int] = (2, 8)) -> torch.Tensor:
     vocab = model.config.get_text_config().vocab_size
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(100 + rank))
-
-
-def _reference_rows(site, param: torch.Tensor, ref_grad: torch.Tensor) -> torch.Tensor:
-    """The rows of a reference expert tensor that this rank's shard holds.
-
-    A rank holds experts ``[expert_start, expert_end)``: one dim-0 row per
-    expert for stacked tensors, ``F`` rows per expert for DBRX's flattened ones.
-    LongCat's reference in-projection also has rows for its zero experts,
-    which the converted layer does not keep.
-    """
-    rows = local_tensor(param).shape[0] // (site.expert_end - site.expert_start)
-    return ref_grad[site.expert_start * rows : site.expert_end * rows]
 
 
 def parity(reference: nn.Module, converted: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
@@ -92,7 +80,7 @@ def parity(reference: nn.Module, converted: nn.Module, ids: torch.Tensor) -> tup
         if site is not None:
             if site.ep_size > 1:
                 dist.all_reduce(ref_grad, group=site.dispatcher.group)
-            ref_grad = _reference_rows(site, param, ref_grad)
+            ref_grad = owned_rows(site, param, ref_grad)
         grad = local_tensor(param.grad) if param.grad is not None else torch.zeros_like(ref_grad)
         worst = max(worst, (grad - ref_grad).abs().max().item())
     return logits, worst

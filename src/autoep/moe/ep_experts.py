@@ -126,22 +126,22 @@ class ExpertsSite:
         self, experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
-        indices_TK = top_k_index.reshape(x_TD.shape[0], -1).long()
-        weights_TK = top_k_weights.reshape(x_TD.shape[0], -1)
+        routed_TK = top_k_index.reshape(x_TD.shape[0], -1).long()  # the router's choices, before capacity
+        indices_TK, weights_TK = routed_TK, top_k_weights.reshape(x_TD.shape[0], -1)
         logits_TE, self._logits_TE = self._logits_TE, None
         dropped_E = None
         if self.balance.capacity_factor is not None:
             indices_TK, weights_TK, dropped_E = apply_capacity(
                 indices_TK,
                 weights_TK,
-                self._priority(logits_TE, top_k_index.long(), weights_TK),
+                self._priority(logits_TE, routed_TK, weights_TK),
                 self.num_experts,
                 self.balance.capacity_factor,
                 self.balance.drop_policy,
             )
         self.balance_losses = {}
         if experts.training:
-            self._balance(logits_TE, top_k_index.reshape(x_TD.shape[0], -1).long(), dropped_E)
+            self._balance(logits_TE, routed_TK, dropped_E)
         out_TD = self._routed(experts, x_TD, weights_TK, indices_TK)
         return out_TD.reshape(hidden_states.shape).to(hidden_states.dtype)
 
@@ -192,8 +192,7 @@ class ExpertsSite:
         router's logits are known, else the combine weight the block handed over."""
         if logits_TE is None:
             return weights_TK.detach().float()
-        probs_TE = bal.routing_probs(logits_TE.detach(), self.spec.scoring)
-        return probs_TE.gather(1, indices_TK.reshape(probs_TE.shape[0], -1))
+        return bal.routing_probs(logits_TE.detach(), self.spec.scoring).gather(1, indices_TK)
 
     def _balance(
         self, logits_TE: torch.Tensor | None, indices_TK: torch.Tensor, dropped_E: torch.Tensor | None
