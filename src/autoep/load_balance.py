@@ -14,6 +14,8 @@ The MoE layers compute their own balancing losses and counts (see
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +55,8 @@ def install_loss_hook(model: nn.Module) -> None:
         return
 
     def add_balancing_loss(module: nn.Module, args, output):
+        if getattr(module, "_autoep_balance_outside", False):
+            return output  # the caller adds `balancing_loss` itself, with its own scale
         extra = balancing_loss(module)
         loss = getattr(output, "loss", None)
         if extra is None or loss is None:
@@ -62,6 +66,21 @@ def install_loss_hook(model: nn.Module) -> None:
         return output
 
     model._autoep_loss_hook = model.register_forward_hook(add_balancing_loss)
+
+
+@contextlib.contextmanager
+def balancing_loss_outside(model: nn.Module) -> Iterator[None]:
+    """Keep the balancing losses out of ``output.loss`` inside the block; take them with :func:`balancing_loss`.
+
+    For trainers that rescale the language-model loss (e.g. by a global token
+    count) and must scale the balancing part differently.
+    """
+    previous = getattr(model, "_autoep_balance_outside", False)
+    model._autoep_balance_outside = True
+    try:
+        yield
+    finally:
+        model._autoep_balance_outside = previous
 
 
 @dataclass

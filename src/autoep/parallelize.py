@@ -14,6 +14,7 @@ from autoep.parallel.fsdp import apply_fsdp
 from autoep.parallel.groups import Meshes, build_meshes, local_device
 from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
 from autoep.parallel.tensor_parallel import TPPlan, apply_tensor_parallel, validate_tensor_parallel
+from autoep.parallel.wrapping import mark_distributed
 
 
 @dataclass
@@ -53,7 +54,8 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     enables activation checkpointing, and shards with the stage mapping of
     docs/training.md and expert gradients divided by ``dp``. Returns the same
     model object, now an FSDP module, with ``model.autoep`` describing the
-    layout.
+    layout; accelerate's ``prepare`` leaves it as it is and its ``no_sync()``
+    defers the gradient reduction (:mod:`autoep.parallel.wrapping`).
 
     A model built on the meta device is accepted: each rank then allocates only
     its own shards and, with ``init_meta``, initialises them deterministically
@@ -84,4 +86,5 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
         if init_meta:
             init_deterministic_(model, seed=config.seed)
     model.autoep = ParallelState(config, dims, meshes, report, tp_plan)
+    mark_distributed(model)  # accelerate / Trainer must not wrap it again
     return model

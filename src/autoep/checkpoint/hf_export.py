@@ -72,6 +72,20 @@ def _commit_dir(staging: Path, out_dir: Path) -> None:
         os.replace(staging, out_dir)
 
 
+_WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
+
+
+def _merge_dir(staging: Path, out_dir: Path) -> None:
+    """Move the staged model files into ``out_dir``, leaving its other files (checkpoints, logs) alone."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in _WEIGHT_FILES:  # weights of an earlier export must not mix with this one's
+        for stale in out_dir.glob(pattern):
+            stale.unlink()
+    for item in staging.iterdir():
+        os.replace(item, out_dir / item.name)
+    staging.rmdir()
+
+
 def _warn_dropped(keys: set[str] | list[str]) -> None:
     if keys:
         warnings.warn(
@@ -89,13 +103,21 @@ def _added_keys(model: nn.Module) -> set[str]:
 
 
 def export_hf(
-    model: nn.Module, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB", per_expert: bool = True
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    per_expert: bool = True,
+    into_existing: bool = False,
 ) -> Path:
     """Write ``model`` (converted and sharded or not) as a HF model directory; call on every rank.
 
     ``per_expert=True`` stores experts the way transformers' ``save_pretrained``
     does for the family (one module per expert); ``False`` keeps the fused
     transformers-5 tensors. Both load with ``AutoModelForCausalLM.from_pretrained``.
+    ``out_dir`` is replaced when the export is complete; with ``into_existing``
+    the model files are moved into it instead and its other contents stay
+    (Trainer's output directory, which also holds its checkpoints).
     """
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -117,7 +139,7 @@ def export_hf(
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(staging)
-        _commit_dir(staging, out_dir)
+        (_merge_dir if into_existing else _commit_dir)(staging, out_dir)
     if dist.is_initialized():
         dist.barrier()
     return out_dir

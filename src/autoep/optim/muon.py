@@ -69,16 +69,33 @@ def check_muon_placements(param: torch.Tensor) -> str | None:
     return None
 
 
+def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Param groups as given, or plain tensors split into a Muon group (2-D/3-D) and an AdamW group."""
+    items = list(params)
+    if not items or all(isinstance(item, dict) for item in items):
+        return items
+    if any(isinstance(item, dict) for item in items):
+        raise TypeError("Muon takes either param groups (dicts) or tensors, not a mix")
+    tensors = [item[1] if isinstance(item, tuple) else item for item in items]  # named_parameters() works too
+    muon = [t for t in tensors if t.ndim in (2, 3)]
+    other = [t for t in tensors if t.ndim not in (2, 3)]
+    return [g for g in ({"params": muon, "use_muon": True}, {"params": other, "use_muon": False}) if g["params"]]
+
+
 class Muon(torch.optim.Optimizer):
     """Muon on groups with ``use_muon=True``; AdamW (torch's update) on the others.
 
     Build it with :func:`autoep.optim.build_optimizer` (which splits the
-    parameters and lists any it cannot handle), or pass param groups yourself.
+    parameters and lists any it cannot handle), pass param groups yourself, or
+    pass plain tensors like to any torch optimizer (``Muon(model.parameters())``):
+    matrices and ``[E, A, B]`` stacks then get Muon and everything else AdamW.
+    Embeddings and the output head are matrices too; keep them on AdamW by
+    passing groups (``build_optimizer`` does).
     """
 
     def __init__(
         self,
-        params: Iterable[dict[str, Any]],
+        params: Iterable[dict[str, Any]] | Iterable[torch.Tensor],
         lr: float = 0.02,
         momentum: float = 0.95,
         nesterov: bool = True,
@@ -106,7 +123,7 @@ class Muon(torch.optim.Optimizer):
             eps=adamw_eps,
         )
         groups = []
-        for group in params:
+        for group in _as_groups(params):
             group = dict(group)
             if not group.get("use_muon", True):
                 group.setdefault("lr", adamw_lr)
