@@ -43,8 +43,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="tiny-mixtral", help="built-in model name or local HF model directory")
-    g.add_argument("--data", help="a .txt file or a .jsonl file with a 'text' field per line (default: built-in)")
     g.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
+    g = p.add_argument_group("data (docs/data.md)")
+    g.add_argument(
+        "--data",
+        help="training data: .jsonl/.json/.parquet/.csv/.txt files or a glob of them, a datasets.save_to_disk "
+        "directory, or a dataset name load_dataset resolves (offline: from its cache) (default: built-in corpus)",
+    )
+    g.add_argument("--format", choices=["text", "chat", "prompt-completion"], help="default: detected from the fields")
+    g.add_argument("--text-field", help="the field holding the text of a text record (default: text)")
+    g.add_argument("--split", default="train", help="split of a named or saved dataset (default: train)")
+    g.add_argument("--data-config", help="configuration name of a named dataset")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory's; UTF-8 bytes for built-in)")
+    g.add_argument(
+        "--no-packing", action="store_true", help="one document per row, padded (default: pack documents into rows)"
+    )
+    g.add_argument("--eval-data", help="evaluation data, read like --data")
+    g.add_argument(
+        "--eval-split",
+        help="a split of --data (or of --eval-data) to evaluate on, or N%% to hold out the last N%% of --data's rows",
+    )
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps (default: after the last step only)")
+    g.add_argument("--eval-rows", type=int, help="evaluate on at most this many rows (default: all)")
+    g.add_argument(
+        "--data-cache",
+        help="where tokenized data is cached (default: $AUTOEP_DATA_CACHE or ~/.cache/autoep/data); "
+        "shared by every rank, and by later runs",
+    )
     g = p.add_argument_group("parallelism and recipe (override --config)")
     g.add_argument("--config", help="DeepSpeed-style JSON config (zero stage, expert_parallel, bf16, optimizer...)")
     g.add_argument("--ep", type=int, help=f"expert-parallel size (default: {DEFAULTS['ep_size']})")
@@ -375,13 +400,30 @@ def _validate(args: argparse.Namespace, config, world: int | None) -> None:
         if not args.output:
             raise AutoEPError("--resume needs --output: the run directory whose checkpoints to continue from")
         resolve_checkpoint(Path(args.output) / "checkpoints")
-    if args.data and not Path(args.data).is_file():
-        raise AutoEPError(f"data file {args.data!r} does not exist")
+    _validate_data(args)
     meta = build_meta_model(args.model)
     if world is not None:
         config.parallel_dims(world)
         plan_conversion(meta, config.ep_size, world_size=world)
         validate_tensor_parallel(meta, config.tp_size)
+
+
+def _validate_data(args: argparse.Namespace) -> None:
+    """What can be checked without reading the data: files exist, datasets is installed where needed, flags fit."""
+    from autoep.data.pipeline import holdout_percent
+    from autoep.data.sources import DataSpec, check_spec
+
+    for name, value in (("--eval-every", args.eval_every), ("--eval-rows", args.eval_rows)):
+        if value is not None and value < 1:
+            raise AutoEPError(f"{name} must be >= 1, got {value}")
+    share = holdout_percent(args.eval_split)
+    if share is not None and args.eval_data:
+        raise AutoEPError("--eval-split N% holds out rows of --data; with --eval-data give a split name or nothing")
+    if args.eval_every and not (args.eval_data or args.eval_split):
+        raise AutoEPError("--eval-every needs evaluation data: --eval-data or --eval-split")
+    for value in (args.data, args.eval_data):
+        if value:
+            check_spec(DataSpec(value, args.split, args.data_config))
 
 
 class CollectiveTimeout(RuntimeError):
@@ -435,6 +477,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from autoep.data import DataOptions
     from autoep.train.loop import TrainJob
 
     launcher = None if _inside_torchrun() else _launcher_settings(args)
@@ -462,6 +505,19 @@ def run(args: argparse.Namespace) -> int:
         max_skipped_steps=args.max_skipped_steps,
         preempt_signal=args.preempt_signal,
         heartbeat_dir=args.heartbeat,
+        data_options=DataOptions(
+            text_field=args.text_field,
+            split=args.split,
+            data_config=args.data_config,
+            format=args.format,
+            tokenizer=args.tokenizer,
+            packing=not args.no_packing,
+            eval_data=args.eval_data,
+            eval_split=args.eval_split,
+            eval_every=args.eval_every,
+            eval_rows=args.eval_rows,
+            cache_dir=args.data_cache,
+        ),
     )
     if args.collective_timeout <= 0:
         raise AutoEPError(f"--collective-timeout must be > 0 seconds, got {args.collective_timeout}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,13 @@ import torch.distributed as dist
 
 from autoep.checkpoint import from_pretrained, load_checkpoint, save_checkpoint
 from autoep.config import AutoEPConfig
+from autoep.data import DataOptions, evaluate, prepare_data
 from autoep.launch import collective_timeout
 from autoep.load_balance import moe_layers
-from autoep.models.loading import is_builtin_model, load_model
+from autoep.models.loading import is_builtin_model, load_config, load_model
 from autoep.optim import build_optimizer
 from autoep.parallel.groups import apply_timeout_to_all_groups, local_device
 from autoep.parallelize import parallelize
-from autoep.train.data import TokenBatches, builtin_corpus, read_text, tokenize
 from autoep.train.heartbeat import heartbeat, install_moe_phase_hooks, mark
 from autoep.train.metrics import MetricsLog, Progress, load_record
 from autoep.train.nonfinite import NonFiniteGuard
@@ -50,6 +50,11 @@ class TrainJob:
     max_skipped_steps: int = 5
     preempt_signal: str = "SIGTERM"
     heartbeat_dir: str | None = None
+    data_options: DataOptions | None = None  # everything about data but the path (``data``)
+
+    @property
+    def data_settings(self) -> DataOptions:
+        return replace(self.data_options or DataOptions(), data=self.data)
 
     @property
     def checkpoint_root(self) -> Path | None:
@@ -64,6 +69,7 @@ class TrainJob:
             "steps": self.steps,
             "seq_len": self.seq_len,
             "warmup_steps": self.warmup_steps,
+            "data_options": {k: v for k, v in asdict(self.data_settings).items() if k != "data"},
         }
 
 
@@ -79,6 +85,11 @@ def _lr_lambda(warmup: int, total: int):
     return factor
 
 
+def _eval_due(done: int, last: int, every: int | None) -> bool:
+    """Evaluate every ``every`` steps and after the last one."""
+    return done == last or (every is not None and done % every == 0)
+
+
 def _truncate_metrics(path: Path, keep_through: int) -> None:
     """Drop records of steps after the checkpoint we resume from (they will be redone)."""
     if path.is_file():
@@ -91,6 +102,19 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     """Train on this rank (the default process group must be initialised); returns the summary."""
     config = job.config
     rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    settings = job.data_settings
+    data = prepare_data(  # before the model: bad data fails on every rank before any collective but one
+        settings,
+        model=job.model,
+        builtin_model=is_builtin_model(job.model),
+        vocab_size=load_config(job.model).get_text_config().vocab_size,
+        seq_len=job.seq_len,
+        micro_batch=config.micro_batch_size,
+        dp_size=config.parallel_dims(world).dp,
+        seed=config.seed,
+        log=(lambda line: print(line, flush=True)) if is_main else (lambda _: None),
+    )
     torch.manual_seed(config.seed)
     if is_builtin_model(job.model):
         model = load_model(job.model, seed=config.seed).to(local_device())
@@ -104,14 +128,9 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     dims = model.autoep.dims
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(job.warmup_steps, job.steps), job.steps))
-
-    text = read_text(job.data) if job.data else builtin_corpus(seed=config.seed)
-    model_dir = None if is_builtin_model(job.model) else job.model
-    tokens = tokenize(text, model.config.get_text_config().vocab_size, model_dir)
-    batches = TokenBatches(tokens, job.seq_len, config.micro_batch_size, dims.dp, seed=config.seed)
+    batches = data.train
 
     output = Path(job.output) if job.output else None
-    is_main = rank == 0
     if is_main and dims.tp > 1:
         print(model.autoep.tp_plan, flush=True)  # what tensor parallelism split, and what it left whole
     start = 0
@@ -176,11 +195,16 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             if is_main:
                 print(f"step {step + 1}: non-finite loss or gradients, update skipped ({result.nonfinite})", flush=True)
         guard.observe(step + 1, result.skipped, result.loss, result.grad_norm, result.nonfinite)
+        done = step + 1
+        if data.eval is not None and _eval_due(done, last, settings.eval_every):
+            mark("evaluation")
+            record.update(evaluate(model, data.eval, dp_rank=model.autoep.dp_rank, max_rows=settings.eval_rows))
         history.append(record)
         log.write(record)
         board.write(record)
-        progress.update(step + 1, result.loss, record["tokens_per_s"], record.get("expert_imbalance", 1.0))
-        done = step + 1
+        progress.update(
+            done, result.loss, record["tokens_per_s"], record.get("expert_imbalance", 1.0), record.get("eval_loss")
+        )
         mark("preemption check")
         preempted = watcher.agreed() and done < last  # every rank stops after the same step
         periodic = job.save_every and (done % job.save_every == 0 or done == last)
@@ -218,6 +242,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "tokens_per_s": tokens_per_step * len(history) / max(elapsed, 1e-9),
         "seconds": elapsed,
         "final_expert_imbalance": history[-1].get("expert_imbalance") if history else None,
+        "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
         "skipped_steps": guard.skipped,
         "preempted": preempted,
         "output": str(output) if output else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -68,17 +69,26 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc="autoep train", unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, tokens_per_s: float, load_imbalance: float) -> None:
+    def update(
+        self, step: int, loss: float, tokens_per_s: float, load_imbalance: float, eval_loss: float | None = None
+    ) -> None:
+        """``eval_loss`` (given on evaluation steps) is shown with its perplexity, and always printed."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", imbalance=f"{load_imbalance:.2f}")
+            extra = {"eval_loss": f"{eval_loss:.4f}"} if eval_loss is not None else {}
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", imbalance=f"{load_imbalance:.2f}", **extra
+            )
             self.bar.update(1)
-        elif step == 1 or step % self.log_every == 0 or step == self.total or not self._printed:
+        elif (
+            step == 1 or step % self.log_every == 0 or step == self.total or not self._printed or eval_loss is not None
+        ):
             self._printed = True
+            evaluated = f"  eval loss {eval_loss:.4f} ppl {math.exp(min(eval_loss, 700.0)):.2f}" if eval_loss else ""
             print(
                 f"step {step:>5}/{self.total}  loss {loss:.4f}  tok/s {tokens_per_s:,.0f}  "
-                f"expert imbalance {load_imbalance:.2f}",
+                f"expert imbalance {load_imbalance:.2f}{evaluated}",
                 flush=True,
             )
 

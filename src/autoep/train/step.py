@@ -5,12 +5,24 @@ micro-batch's backward (``set_requires_gradient_sync``), so N micro-batches of
 b give the update of one batch of N·b, last micro-batch included. A step whose
 all-reduced loss or global gradient norm is not finite is skipped on every
 rank alike (:mod:`autoep.train.nonfinite`).
+
+The language-model objective is the sum of token losses over the whole global
+step divided by the number of label tokens in it (all micro-batches, all
+data-parallel ranks; counted and all-reduced before the first forward). With
+labels of -100 (padding, prompts, user turns) a mean per micro-batch would
+weight a token by the size of the micro-batch it landed in; this way training
+at any layout and accumulation equals one process on the global batch. Each
+micro-batch hands transformers' loss ``num_items_in_batch``, the count it
+divides the summed token losses by; when every micro-batch has the same count
+(full rows) that is the plain mean, computed exactly as before. Balancing
+losses keep their per-micro-batch mean.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +31,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from autoep.load_balance import StepLoadStats, collect_load_stats, step_load_balancing
 from autoep.parallel.clip import clip_grad_norm_, global_grad_norm
+from autoep.parallel.groups import local_device
 from autoep.train.heartbeat import mark
 from autoep.train.nonfinite import is_finite, nonfinite_modules
 
@@ -38,24 +51,66 @@ def _set_sync(model: nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
+def _fields(micro: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input_ids, labels, position_ids) of a ``[B, S]`` token tensor, a mapping, or a batch object."""
+    if isinstance(micro, torch.Tensor):
+        return micro, micro, None
+    get = micro.get if isinstance(micro, Mapping) else lambda key: getattr(micro, key, None)
+    ids = get("input_ids")
+    labels = get("labels")
+    return ids, ids if labels is None else labels, get("position_ids")
+
+
+def _label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != -100).sum())
+
+
+def global_label_tokens(model: nn.Module, local: int) -> tuple[int, int]:
+    """(label tokens of the global step, data-parallel size): summed over the ranks holding different data.
+
+    Tensor-parallel peers hold the same tokens, so the sum runs over the data group, not the world.
+    """
+    if not dist.is_initialized():
+        return local, 1
+    state = getattr(model, "autoep", None)
+    group = state.meshes.stats_group if state is not None else None
+    dp = state.dims.dp if state is not None else dist.get_world_size()
+    count = torch.tensor([float(local)], dtype=torch.float64, device=local_device())
+    dist.all_reduce(count, group=group)
+    return int(count.item()), dp
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[torch.Tensor],
+    micro_batches: Sequence[torch.Tensor | Mapping[str, torch.Tensor] | Any],
     *,
     max_grad_norm: float | None = None,
 ) -> StepResult:
-    """Forward/backward every micro-batch of token ids (LM loss), clip, step, zero the gradients.
+    """Forward/backward every micro-batch (LM loss), clip, step, zero the gradients.
 
+    A micro-batch is a ``[B, S]`` tensor of token ids (labels = the ids), or
+    carries ``input_ids``, ``labels`` (-100: no loss) and optionally
+    ``position_ids`` (packed rows: positions restart per document).
     If the loss or the global gradient norm is NaN/Inf (the same verdict on every
     rank: both are all-reduced), no update is applied and ``skipped`` is set.
     """
     totals = torch.zeros(2, dtype=torch.float32)  # objective, balancing part
     count = len(micro_batches)
-    for index, input_ids in enumerate(micro_batches):
+    fields = [_fields(micro) for micro in micro_batches]
+    counts = [_label_tokens(labels) for _, labels, _ in fields]
+    mark("counting label tokens")
+    total, dp = global_label_tokens(model, sum(counts))
+    per_micro = max(total, 1) / (dp * count)  # what each micro-batch's summed token loss is divided by
+    for index, (input_ids, labels, position_ids) in enumerate(fields):
         _set_sync(model, index == count - 1)
         mark(f"forward of micro-batch {index + 1}/{count}")
-        output = model(input_ids=input_ids, labels=input_ids)
+        kwargs: dict[str, Any] = {}
+        if position_ids is not None:  # packed rows; a cache would switch transformers' packed masks off
+            kwargs.update(position_ids=position_ids, use_cache=False)
+        if counts[index] != per_micro:
+            kwargs["num_items_in_batch"] = per_micro
+        output = model(input_ids=input_ids, labels=labels, **kwargs)
         mark(f"backward of micro-batch {index + 1}/{count}")
         (output.loss / count).backward()
         totals[0] += output.loss.detach().float().cpu()

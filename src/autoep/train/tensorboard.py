@@ -20,6 +20,7 @@ _SCALARS = {
     "train": ("loss", "lm_loss", "grad_norm", "lr"),
     "perf": ("tokens_per_s", "step_time_s"),
     "moe": ("expert_imbalance", "dropped_fraction"),
+    "eval": ("eval_loss", "eval_ppl"),
 }
 _LOSS_SUFFIXES = ("aux_loss", "z_loss")  # aux_loss, seq_aux_loss, global_aux_loss, z_loss, and any future one
 _LAYER_SCALARS = ("imbalance", "aux_loss", "z_loss", "dropped_fraction")
