@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,7 @@ class TableSource(Source):
 
 
 def _pick_split(loaded, spec: DataSpec, what: str):
-    if hasattr(loaded, "keys") and not hasattr(loaded, "column_names"):  # a DatasetDict
+    if isinstance(loaded, dict):  # a DatasetDict
         if spec.split not in loaded:
             raise ConfigError(f"{what} has no split {spec.split!r} (splits: {', '.join(loaded)}); use --split")
         return loaded[spec.split]
