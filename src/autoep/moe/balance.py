@@ -102,8 +102,10 @@ def routing_probs(logits_TE: torch.Tensor, scoring: str) -> torch.Tensor:
 
 def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Assignments per expert (int64 ``[E]``); ids >= E (dropped) are not counted."""
-    flat = indices_TK.reshape(-1)
-    return torch.bincount(flat[flat < num_experts], minlength=num_experts)
+    # scatter_add instead of a boolean mask: no data-dependent shape, so it also runs on fake tensors (autoep.plan).
+    flat = indices_TK.reshape(-1).clamp(max=num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))[:num_experts]
 
 
 def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:

@@ -8,11 +8,20 @@ by capacity (global id ``E``), carries the sentinel id ``E_local`` and weight 0)
 With expert parallelism a token is sent to a rank once, however many of its k
 experts live there: the receiving rank applies and sums them locally and sends
 back one row. This cuts all-to-all volume by up to k on clustered routing.
+
+Simulation hook: a dispatcher's ``planner`` (``None`` in training) supplies the
+routing counts instead of the routing itself. Under a fake process group and
+fake tensors (:mod:`autoep.plan`) neither the counts exchange nor the token ids
+hold data, so the planner says how many rows go to and come from each peer and
+how many assignments each local expert gets; the dispatcher builds tensors of
+exactly those shapes and every later op (collectives included) sees the sizes
+a real run with that routing would.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,12 +31,41 @@ from autoep.parallel.all_to_all import all_to_all_rows, exchange_counts
 
 @dataclass
 class DispatchState:
-    """What ``combine`` needs to bring rows home."""
+    """What ``combine`` needs to bring rows home (and, planned, the assignments per local expert)."""
 
     num_tokens: int
     token_N: torch.Tensor | None = None
     send_counts: list[int] | None = None
     recv_counts: list[int] | None = None
+    expert_rows: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class PlannedCounts:
+    """One dispatch's routing counts as a simulation plans them, from this rank's point of view.
+
+    send_rows[r]: rows sent to EP peer r; recv_rows[r]: rows received from it
+    (one row per token and destination, however many of its choices live there);
+    expert_rows[e]: (row, choice) assignments of local expert e.
+    """
+
+    send_rows: tuple[int, ...]
+    recv_rows: tuple[int, ...]
+    expert_rows: tuple[int, ...]
+
+
+class RoutingPlanner(Protocol):
+    """Supplies :class:`PlannedCounts` for a dispatch of ``num_tokens`` tokens with ``top_k`` choices each."""
+
+    def __call__(
+        self, num_tokens: int, top_k: int, ep_size: int, ep_rank: int, num_local_experts: int
+    ) -> PlannedCounts: ...
+
+
+def _planned_token_ids(send_rows: tuple[int, ...], num_tokens: int, device: torch.device) -> torch.Tensor:
+    """Stand-in token ids for planned rows: per destination, the first ``send_rows[r]`` tokens."""
+    parts = [torch.arange(n, device=device) % max(num_tokens, 1) for n in send_rows]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
 class LocalDispatcher:
@@ -35,11 +73,16 @@ class LocalDispatcher:
 
     def __init__(self, num_local_experts: int) -> None:
         self.num_local_experts = num_local_experts
+        self.planner: RoutingPlanner | None = None
 
     def dispatch(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
-        return x_TD, indices_TK, weights_TK, DispatchState(num_tokens=x_TD.shape[0])
+        state = DispatchState(num_tokens=x_TD.shape[0])
+        if self.planner is not None:
+            plan = self.planner(x_TD.shape[0], indices_TK.shape[1], 1, 0, self.num_local_experts)
+            state.expert_rows = list(plan.expert_rows)
+        return x_TD, indices_TK, weights_TK, state
 
     def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return y_ND
@@ -52,10 +95,38 @@ class AllToAllDispatcher:
         self.num_local_experts = num_local_experts
         self.group = group
         self.ep_size = dist.get_world_size(group)
+        self.planner: RoutingPlanner | None = None
+        self.last_counts: tuple[list[int], list[int]] | None = None  # (send, recv) rows of the latest dispatch
 
     def dispatch(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
+        E_local, R = self.num_local_experts, self.ep_size
+        T, K = x_TD.shape[0], indices_TK.shape[1]
+        expert_rows = None
+        if self.planner is not None:
+            plan = self.planner(T, K, R, dist.get_rank(self.group), E_local)
+            exchange_counts(torch.tensor(plan.send_rows, device=x_TD.device), self.group)  # the same collectives
+            token_N = _planned_token_ids(plan.send_rows, T, x_TD.device)
+            local_NK = torch.zeros(token_N.shape[0], K, dtype=torch.long, device=x_TD.device)
+            weights_NK = weights_TK[token_N]
+            send_counts, recv_counts = list(plan.send_rows), list(plan.recv_rows)
+            expert_rows = list(plan.expert_rows)
+        else:
+            token_N, local_NK, weights_NK, send_counts, recv_counts = self._route(x_TD, weights_TK, indices_TK)
+        self.last_counts = (send_counts, recv_counts)
+        # Ids ride with the weights in one fp32 message (exact for ids < 2**24).
+        meta_NK2 = torch.cat([weights_NK.float(), local_NK.float()], dim=1)
+        x_recv = all_to_all_rows(x_TD[token_N], recv_counts, send_counts, self.group)
+        meta_recv = all_to_all_rows(meta_NK2, recv_counts, send_counts, self.group)
+        weights_recv, local_recv = meta_recv[:, :K], meta_recv[:, K:].detach().long()
+        state = DispatchState(T, token_N, send_counts, recv_counts, expert_rows)
+        return x_recv, local_recv, weights_recv, state
+
+    def _route(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """Rows to send (token ids, local expert ids, weights) and the row counts, from the routing."""
         E_local, R = self.num_local_experts, self.ep_size
         T = x_TD.shape[0]
         with torch.no_grad():
@@ -72,14 +143,7 @@ class AllToAllDispatcher:
             recv_counts_R = exchange_counts(send_counts_R, self.group)
             send_counts, recv_counts = send_counts_R.tolist(), recv_counts_R.tolist()
         weights_NK = torch.where(match_NK, weights_TK[token_N], 0.0)
-        # Ids ride with the weights in one fp32 message (exact for ids < 2**24).
-        meta_NK2 = torch.cat([weights_NK.float(), local_NK.float()], dim=1)
-        x_recv = all_to_all_rows(x_TD[token_N], recv_counts, send_counts, self.group)
-        meta_recv = all_to_all_rows(meta_NK2, recv_counts, send_counts, self.group)
-        K = indices_TK.shape[1]
-        weights_recv, local_recv = meta_recv[:, :K], meta_recv[:, K:].detach().long()
-        state = DispatchState(T, token_N, send_counts, recv_counts)
-        return x_recv, local_recv, weights_recv, state
+        return token_N, local_NK, weights_NK, send_counts, recv_counts
 
     def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         y_back = all_to_all_rows(y_ND, state.send_counts, state.recv_counts, self.group)

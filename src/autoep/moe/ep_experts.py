@@ -153,23 +153,28 @@ class ExpertsSite:
             T = x_TD.shape[0]
             x_TD, weights_TK, indices_TK = (take_lane_rows(t, group) for t in (x_TD, weights_TK, indices_TK))
         x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
-        y_ND = self._local_experts(experts, x_ND, local_NK, weights_NK)
+        y_ND = self._local_experts(experts, x_ND, local_NK, weights_NK, state.expert_rows)
         out_TD = self.dispatcher.combine(y_ND, state)
         return out_TD if group is None else gather_lane_rows(out_TD, T, group)
 
     def _local_experts(
-        self, experts: nn.Module, x_ND: torch.Tensor, local_NK: torch.Tensor, weights_NK: torch.Tensor
+        self,
+        experts: nn.Module,
+        x_ND: torch.Tensor,
+        local_NK: torch.Tensor,
+        weights_NK: torch.Tensor,
+        planned_counts: list[int] | None = None,
     ) -> torch.Tensor:
         """The module's own layout and activation on its local weights, as one grouped GEMM per projection."""
         layout = self.spec.experts
-        a = group_by_expert(local_NK, self.num_local_experts)
+        a = group_by_expert(local_NK, self.num_local_experts, planned_counts)
         self.tokens_per_expert = a.counts_E
         w_in = local_tensor(getattr(experts, layout.in_proj))
         w_out = local_tensor(experts.down_proj)
         if not layout.is_transposed:  # stored [E, out, in]: the GEMM wants [E, in, out] (a view)
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
         x_AD = x_ND[a.row_A].to(w_in.dtype)
-        counts_list = a.counts_E.tolist() if self._uses_loop(x_AD) else None
+        counts_list = a.counts_list(self._uses_loop(x_AD))
         h_AF = grouped_matmul(x_AD, w_in, a.counts_E, counts_list)
         if layout.has_bias:
             h_AF = h_AF + local_tensor(getattr(experts, f"{layout.in_proj}_bias"))[a.expert_A]

@@ -88,7 +88,9 @@ def grouped_mm_supported(x: torch.Tensor, hidden: int, intermediate: int) -> boo
     if (hidden * x.element_size()) % 16 or (intermediate * x.element_size()) % 16:
         return False
     if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
+        # A fake tensor (autoep.plan) runs the op's meta kernel, which, like CUDA, takes bf16 only.
+        fake = isinstance(x, torch._subclasses.fake_tensor.FakeTensor)
+        return x.dtype == torch.bfloat16 if fake else x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda" and x.dtype == torch.bfloat16:
         needed = (8, 0) if hasattr(torch.nn.functional, "grouped_mm") else (9, 0)
         return torch.cuda.get_device_capability(x.device) >= needed

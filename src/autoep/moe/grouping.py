@@ -15,16 +15,32 @@ import torch
 
 @dataclass
 class Assignments:
-    """Valid (row, choice) pairs sorted by local expert (stable), and rows per expert."""
+    """Valid (row, choice) pairs sorted by local expert (stable), and rows per expert.
+
+    ``planned_counts``: the host copy of ``counts_E`` when a simulation planned it.
+    """
 
     row_A: torch.Tensor
     slot_A: torch.Tensor
     expert_A: torch.Tensor
     counts_E: torch.Tensor
+    planned_counts: list[int] | None = None
+
+    def counts_list(self, needed: bool) -> list[int] | None:
+        """Host copy of ``counts_E`` (a device sync unless planned) when ``needed``, else ``None``."""
+        if not needed:
+            return None
+        return self.planned_counts if self.planned_counts is not None else self.counts_E.tolist()
 
 
 @torch.no_grad()
-def group_by_expert(local_NK: torch.Tensor, num_local_experts: int) -> Assignments:
+def group_by_expert(
+    local_NK: torch.Tensor, num_local_experts: int, planned_counts: list[int] | None = None
+) -> Assignments:
+    """Sort the assignments by local expert; ``planned_counts`` (a simulation's, see
+    :class:`autoep.moe.dispatch.PlannedCounts`) gives their number per expert instead of the ids."""
+    if planned_counts is not None:
+        return _planned_assignments(local_NK, planned_counts)
     row_A, slot_A = (local_NK < num_local_experts).nonzero(as_tuple=True)
     expert_A = local_NK[row_A, slot_A]
     order_A = torch.argsort(expert_A, stable=True)
@@ -40,3 +56,13 @@ def combine_rows(y_AD: torch.Tensor, weights_NK: torch.Tensor, assignments: Assi
     a = assignments
     weighted_AD = y_AD * weights_NK[a.row_A, a.slot_A].to(y_AD.dtype).unsqueeze(-1)
     return y_AD.new_zeros((num_rows, y_AD.shape[1])).index_add(0, a.row_A, weighted_AD)
+
+
+def _planned_assignments(local_NK: torch.Tensor, counts: list[int]) -> Assignments:
+    """Assignments of the planned sizes (which rows they use does not matter to a simulation)."""
+    device, (N, K) = local_NK.device, local_NK.shape
+    total = sum(counts)
+    expert_A = torch.cat([torch.full((n,), e, dtype=torch.long, device=device) for e, n in enumerate(counts)])
+    index_A = torch.arange(total, device=device)
+    row_A, slot_A = index_A % max(N, 1), (index_A // max(N, 1)) % max(K, 1)
+    return Assignments(row_A, slot_A, expert_A, torch.tensor(counts, device=device), list(counts))

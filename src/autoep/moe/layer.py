@@ -173,7 +173,7 @@ class MoELayer(nn.Module):
             T = x_TD.shape[0]
             x_TD, weights_TK, indices_TK = (take_lane_rows(t, group) for t in (x_TD, weights_TK, indices_TK))
         x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
-        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK)
+        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows)
         out_TD = self.dispatcher.combine(y_ND, state)
         return out_TD if group is None else gather_lane_rows(out_TD, T, group)
 
@@ -202,7 +202,11 @@ class MoELayer(nn.Module):
         self.load_stats.record(bal.expert_counts(routed.indices_TK, self.spec.num_experts), dropped_E, losses)
 
     def _apply_local_experts(
-        self, x_ND: torch.Tensor, local_NK: torch.Tensor, weights_NK: torch.Tensor
+        self,
+        x_ND: torch.Tensor,
+        local_NK: torch.Tensor,
+        weights_NK: torch.Tensor,
+        planned_counts: list[int] | None = None,
     ) -> torch.Tensor:
         """Run each (row, choice) on its local expert and sum the weighted results per row.
 
@@ -211,10 +215,10 @@ class MoELayer(nn.Module):
         weights of all its choices owned here, so either way each assignment
         gets exactly its own weight.
         """
-        a = group_by_expert(local_NK, self.num_local_experts)
+        a = group_by_expert(local_NK, self.num_local_experts, planned_counts)
         counts_E = a.counts_E
         self.tokens_per_expert = counts_E  # routed (token, expert) pairs each local expert got, for load metrics
-        counts_list = counts_E.tolist() if self.experts.uses_loop(x_ND) else None
+        counts_list = a.counts_list(self.experts.uses_loop(x_ND))
         x_AD = x_ND[a.row_A]
         if self.spec.weights_scale_input:
             x_AD = x_AD * weights_NK[a.row_A, a.slot_A].to(x_AD.dtype).unsqueeze(-1)

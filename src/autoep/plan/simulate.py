@@ -1,0 +1,200 @@
+"""One training step of a converted, parallelized model, tracked: real (gloo ranks) or simulated (fake world).
+
+The same code runs both: :func:`shard` (autoep's parallelize, up to the point
+where memory would be allocated), :func:`run_step` (forward and backward of
+every micro-batch, the global gradient norm, clipping, the optimizer step) and
+the trackers of :mod:`autoep.plan.memory` and :mod:`autoep.plan.comm`. In the
+fake world the dispatchers get a routing planner, since no token ids exist.
+A warm-up step comes first, so that the measured step starts with the
+optimizer state allocated, as every step of a run after the first does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from autoep.config import AutoEPConfig
+from autoep.convert import convert
+from autoep.moe.dispatch import PlannedCounts, RoutingPlanner
+from autoep.moe.sites import moe_sites
+from autoep.optim import build_optimizer
+from autoep.parallel.clip import clip_grad_norm_
+from autoep.parallel.fsdp import apply_fsdp
+from autoep.parallel.groups import build_meshes
+from autoep.parallel.materialize import materialize
+from autoep.parallel.tensor_parallel import TPPlan, apply_tensor_parallel
+from autoep.parallelize import ParallelState, validate
+from autoep.plan.comm import CommCounter, CommCounts
+from autoep.plan.fake_world import fake_world
+from autoep.plan.layouts import Layout
+from autoep.plan.memory import MemoryBreakdown, RoutedRegion, StepMemoryTracker
+
+PlannerFor = Callable[[int], RoutingPlanner]  # MoE layer index (model order) -> its planner
+
+
+@dataclass
+class StepMeasurement:
+    """What one tracked step used on one rank."""
+
+    peak: MemoryBreakdown  # at the moment of the peak
+    component_peaks: MemoryBreakdown  # each component's own maximum
+    comm: CommCounts
+    seconds: float = 0.0
+    routing: list[PlannedCounts] = field(default_factory=list)  # per MoE layer, as dispatched (real runs)
+    raw_peak: dict[str, int] = field(default_factory=dict)  # the tracker's own categories at the peak
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "peak": self.peak.as_dict(),
+            "component_peaks": self.component_peaks.as_dict(),
+            "comm_bytes": self.comm.as_dict(),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def shard(model: nn.Module, config: AutoEPConfig) -> ParallelState:
+    """`autoep.parallelize` without materialisation: the model stays where it is (meta, for a plan).
+
+    Same steps in the same order (validate, meshes, convert with folding, TP,
+    activation checkpointing, FSDP), so the simulated model is the trained one.
+    """
+    dims = validate(model, config, dist.get_world_size())
+    meshes = build_meshes(dims, config.zero_stage)
+    report = convert(
+        model,
+        config.ep_size,
+        ep_group=meshes.ep,
+        balance=config.load_balancing,
+        stats_group=meshes.stats_group,
+        fold_group=meshes.tp_group,
+    )
+    tp_plan = apply_tensor_parallel(model, meshes.tp) if meshes.tp is not None else TPPlan()
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_fsdp(model, config, dims, meshes)
+    state = ParallelState(config, dims, meshes, report, tp_plan)
+    model.autoep = state
+    return state
+
+
+def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor]) -> None:
+    """What `autoep.train.step.train_step` does to memory and the network, with no host reads of values."""
+    count = len(micro_batches)
+    for index, input_ids in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(index == count - 1)
+        output = model(input_ids=input_ids, labels=input_ids)
+        (output.loss / count).backward()
+    clip_grad_norm_(model, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def tracked_step(
+    model: nn.Module,
+    config: AutoEPConfig,
+    seq_len: int,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    record_routing: bool = False,
+    fake: bool = False,
+) -> StepMeasurement:
+    """A warm-up step, then one measured step of ``model`` (parallelized, materialised, in train mode).
+
+    ``record_routing`` (real runs only): keep each MoE layer's dispatch counts, to replay in a simulation.
+    """
+    optimizer = build_optimizer(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [
+        torch.randint(0, vocab_size, (config.micro_batch_size, seq_len), generator=generator)
+        for _ in range(config.gradient_accumulation_steps)
+    ]
+    tracker = StepMemoryTracker(model, optimizer)
+    sites = [site for _, site in moe_sites(model)]
+    inner = [site.dispatcher for site in sites]
+    for site in sites:
+        site.dispatcher = RoutedRegion(site.dispatcher, tracker)
+    tracker.track_inputs(tuple(batches))
+    counter = CommCounter()
+    start = time.perf_counter()
+    try:
+        with tracker:
+            run_step(model, optimizer, batches)
+            tracker.reset_peak()
+            with counter:
+                run_step(model, optimizer, batches)
+    finally:
+        for site, dispatcher in zip(sites, inner, strict=True):
+            site.dispatcher = dispatcher
+    routing = [_dispatched(site) for site in sites] if record_routing else []
+    seconds = time.perf_counter() - start
+    peak = tracker.peak()
+    if fake and tracker.peak_phase == "backward":
+        peak.grads += in_flight_reduce_scatter_bytes(model)
+    return StepMeasurement(peak, tracker.component_peaks(), counter.counts, seconds, routing, tracker.raw_peak())
+
+
+def in_flight_reduce_scatter_bytes(model: nn.Module) -> int:
+    """The largest reduce-scatter input of the model's FSDP units (bytes, in the reduce dtype).
+
+    A real backend keeps the input of the reduce-scatter in flight alive until
+    it completes, while FSDP2 goes on with the next layer's backward (measured on
+    gloo: one such buffer at the backward peak). Fake collectives complete at
+    once, so a simulation whose peak falls in the backward adds it.
+    """
+    largest = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        if group is None or group.mesh_info.shard_mesh_size <= 1:
+            continue
+        reduce_dtype = group.mp_policy.reduce_dtype or group.fsdp_params[0].orig_dtype
+        numel = sum(p.sharded_param._local_tensor.numel() for p in group.fsdp_params)
+        nbytes = numel * group.mesh_info.shard_mesh_size * torch.empty((), dtype=reduce_dtype).element_size()
+        largest = max(largest, nbytes)
+    return largest
+
+
+def _dispatched(site: Any) -> PlannedCounts:
+    """The counts of the site's latest dispatch (a real run's routing, to replay in a simulation)."""
+    experts = site.tokens_per_expert
+    expert_rows = tuple(int(n) for n in experts.tolist()) if experts is not None else ()
+    last = getattr(site.dispatcher, "last_counts", None)
+    send, recv = last if last is not None else ((), ())
+    return PlannedCounts(tuple(send), tuple(recv), expert_rows)
+
+
+def simulate_step(
+    build: Callable[[], nn.Module],
+    layout: Layout,
+    seq_len: int,
+    planner_for: PlannerFor,
+    *,
+    rank: int = 0,
+) -> StepMeasurement:
+    """Rank ``rank``'s side of a training step at ``layout``, in a fake world of ``layout.gpus`` ranks.
+
+    ``build`` returns a fresh model on the meta device; ``planner_for(i)`` the
+    routing counts of its i-th MoE layer.
+    """
+    config = layout.config()
+    with fake_world(layout.gpus, rank) as mode:
+        model = build()
+        shard(model, config)
+        for index, (_, site) in enumerate(moe_sites(model)):
+            site.dispatcher.planner = planner_for(index)
+        with mode:
+            materialize(model, torch.device("cpu"))
+            model.train()
+            vocab = model.config.get_text_config().vocab_size
+            return tracked_step(model, config, seq_len, vocab, fake=True)
