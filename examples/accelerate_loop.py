@@ -38,7 +38,8 @@ scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=4, num_training_
 loader = autoep.hf.data_parallel_loader(
     packed_rows(demo_tokenizer()), model, batch_size=4, collate_fn=default_data_collator
 )
-model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+# The scheduler stays out of prepare(): accelerate would step it once per process per step.
+model, optimizer = accelerator.prepare(model, optimizer)
 
 step, epoch = 0, 0
 while step < opts.steps:
@@ -50,8 +51,9 @@ while step < opts.steps:
             if accelerator.sync_gradients:
                 autoep.clip_grad_norm_(model, 1.0)
                 step += 1
-            optimizer.step()
-            scheduler.step()
+            optimizer.step()  # accelerate skips it until the last micro-batch
+            if accelerator.sync_gradients:
+                scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients and step % 10 == 0:
             accelerator.print(f"step {step}: loss {loss.item():.3f}")

@@ -78,6 +78,8 @@ class OptimizerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_params(self) -> OptimizerConfig:
+        if self.type == "Muon" and "params" not in self.model_fields_set:
+            self.__dict__["params"] = {}  # the default params are AdamW's; Muon has its own defaults
         allowed = _MUON_PARAMS if self.type == "Muon" else _ADAMW_PARAMS
         unknown = sorted(set(self.params) - allowed)
         if unknown:
