@@ -69,7 +69,7 @@ def test_every_input_kind_loads(tmp_path: Path, tok: Path) -> None:
     ids = txt.train.rows_batch([0]).input_ids[0]
     tokenizer = HFTokenizer(str(tok))
     expected = [*tokenizer.tok("alice has 3 books.\nbob gives more.\n", add_special_tokens=False)["input_ids"]]
-    assert ids[: len(expected) + 1].tolist() == expected + [tokenizer.eos_id]  # one document per .txt file
+    assert ids[: len(expected) + 1].tolist() == [*expected, tokenizer.eos_id]  # one document per .txt file
 
 
 def test_chat_masking_is_exact_token_by_token(tmp_path: Path, tok: Path) -> None:

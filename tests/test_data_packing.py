@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_packed_logits_equal_each_document_alone(packed_rows, family: str, atten
             positions = batch.position_ids[row]
             starts = [*(positions == 0).nonzero().flatten().tolist(), positions.numel()]
             assert len(starts) > 2  # several documents in the row
-            for begin, end in zip(starts, starts[1:], strict=False):
+            for begin, end in itertools.pairwise(starts):
                 alone = model(input_ids=batch.input_ids[row : row + 1, begin:end], use_cache=False).logits
                 error = (packed[row, begin:end] - alone[0]).abs().max().item()
                 assert error < 1e-5, (row, begin, end, error)

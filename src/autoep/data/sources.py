@@ -105,6 +105,8 @@ def require_datasets(data: str):
         raise ConfigError(
             f"data {data!r} needs the datasets library: pip install 'autoep[data]' (local .jsonl and .txt files do not)"
         ) from None
+    if not sys.stderr.isatty():  # progress bars in logs would bury the one-line errors
+        datasets.disable_progress_bars()
     return datasets
 
 
