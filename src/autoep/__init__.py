@@ -16,6 +16,7 @@ from autoep.moe import MoELayer
 from autoep.optim import build_optimizer
 from autoep.parallel.clip import clip_grad_norm_
 from autoep.parallelize import parallelize
+from autoep.plan import plan
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "from_pretrained",
     "load_checkpoint",
     "parallelize",
+    "plan",
     "register_family",
     "save_checkpoint",
     "supported_families",

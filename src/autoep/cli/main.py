@@ -91,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     report.add_parser(sub)
     check.add_parser(sub)
+    _add_plan(sub)
     return parser
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from autoep.cli.plan import add_parser
+
+    add_parser(sub)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

@@ -75,6 +75,8 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def _group_of(args: tuple, kwargs: dict) -> tuple[int, int]:
     """(size, rank) of the op's process group (an object for c10d ops, a name for functional ones)."""
     for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.ScriptObject):  # c10d ops see the group boxed
+            value = dist.ProcessGroup.unbox(value)
         if isinstance(value, dist.ProcessGroup):
             return value.size(), value.rank()
         if isinstance(value, str) and _resolve_process_group is not None:
