@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -133,6 +134,7 @@ def main() -> int:
         if not corpus.is_file() or corpus.stat().st_size < size:
             write_corpus(corpus, size)
         cache = work / f"cache-{text.strip()}"
+        shutil.rmtree(cache, ignore_errors=True)  # measure a fresh build
         result = run(str(corpus), tokenizer, cache, work / f"run-{text.strip()}", args.nproc, args.steps)
         match = re.search(r"tokenized [\d,]+ documents, ([\d,]+) tokens in ([\d.]+)s", result["log"])
         tokens, seconds = (int(match[1].replace(",", "")), float(match[2])) if match else (0, float("nan"))
