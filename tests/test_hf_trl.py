@@ -3,7 +3,8 @@
 SFT: prompt/completion chats packed into rows (TRL's padding-free packing);
 the loss falls, and every label is -100 on prompt tokens and the token itself
 on completion tokens, checked token by token against the chat template's
-rendering. DPO: a frozen autoep reference model; the first step's loss is
+rendering. DPO: the mixin makes the reference model (a frozen autoep copy
+taken before the policy is sharded); the first step's loss is
 log 2 plus the family's router aux loss (policy = reference), and it trains.
 """
 
@@ -58,17 +59,18 @@ def _dpo(out: str) -> dict:
         pass
 
     config = autoep.AutoEPConfig(ep_size=2, zero_stage=3)
-    reference = autoep.parallelize(build_tiny_model("tiny-mixtral", seed=0), config)
     args = trl.DPOConfig(output_dir=out, per_device_train_batch_size=4, max_steps=6, logging_steps=1,
                          learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                          bf16=False, max_length=64)  # fmt: skip
-    trainer = DPO(model=build_tiny_model("tiny-mixtral", seed=0), ref_model=reference, args=args,
+    trainer = DPO(model=build_tiny_model("tiny-mixtral", seed=0), args=args,  # reference: an autoep copy
                   processing_class=demo_tokenizer(), train_dataset=datasets.Dataset.from_list(preference_pairs(64)),
                   autoep_config=config)  # fmt: skip
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     coef = trainer.model.config.router_aux_loss_coef
-    return {"logs": logs, "coef": coef}
+    reference = trainer.ref_model
+    frozen = getattr(reference, "autoep", None) is not None and not any(p.requires_grad for p in reference.parameters())
+    return {"logs": logs, "coef": coef, "reference_is_frozen_autoep_copy": frozen and reference is not trainer.model}
 
 
 def _both(out: str) -> dict:
@@ -110,3 +112,4 @@ def test_dpo_runs_on_a_converted_model(results):
     assert logs[0]["rewards/margins"] == 0.0
     assert 0 <= logs[0]["loss"] - math.log(2) < 5 * results["dpo"]["coef"]
     assert any(log["rewards/margins"] != 0.0 for log in logs[1:])
+    assert results["dpo"]["reference_is_frozen_autoep_copy"]

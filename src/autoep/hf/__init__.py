@@ -8,6 +8,11 @@
   :func:`autoep.clip_grad_norm_`.
 """
 
+try:
+    import accelerate  # noqa: F401  (transformers' Trainer needs it)
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError('autoep.hf needs accelerate: pip install "autoep[hf]" (or "autoep[trl]" for TRL)') from err
+
 from autoep.hf.arguments import check_training_args
 from autoep.hf.data import data_parallel_loader, data_parallel_sampler
 from autoep.hf.trainer import AutoEPMixin, Trainer

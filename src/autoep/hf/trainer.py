@@ -17,6 +17,7 @@ balancing losses are averaged over micro-batches and ranks.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from pathlib import Path
@@ -65,6 +66,18 @@ def _prepare_model(model: Any, config: AutoEPConfig) -> nn.Module:
     return model
 
 
+def _prepare_reference(reference: Any, model: Any, config: AutoEPConfig) -> nn.Module:
+    """A frozen autoep copy for trainers that take a reference model (TRL's DPO): from the same path,
+    a copy of the model made before it is sharded, or the given reference, parallelized."""
+    if reference is None:
+        if getattr(model, "autoep", None) is not None:
+            raise ConfigError("pass ref_model=... as well: an already parallelized model cannot be copied")
+        reference = model if isinstance(model, (str, os.PathLike)) else copy.deepcopy(model)
+    reference = _prepare_model(reference, config)
+    reference.requires_grad_(False)
+    return reference
+
+
 class AutoEPMixin:
     """Put in front of any ``transformers.Trainer`` subclass: ``class SFT(AutoEPMixin, trl.SFTTrainer)``.
 
@@ -87,6 +100,8 @@ class AutoEPMixin:
         config = trainer_config(args, config)
         take_over(args)
         _ = args.device  # initialises torch.distributed under torchrun / accelerate launch
+        if "ref_model" in bound.signature.parameters:  # preference trainers: the reference is sharded alike
+            bound.arguments["ref_model"] = _prepare_reference(bound.arguments.get("ref_model"), model, config)
         bound.arguments["model"] = _prepare_model(model, config)
         self.autoep_config = config
         super().__init__(*bound.args, **bound.kwargs)
