@@ -16,11 +16,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from autoep.plan.accuracy import compare  # noqa: E402
-from autoep.plan.layouts import Layout  # noqa: E402
-from autoep.plan.measure import Scenario  # noqa: E402
-from autoep.plan.memory import COMPONENTS  # noqa: E402
-from autoep.plan.models import ACCURACY_BUILDERS  # noqa: E402
+from autoep.plan.accuracy import compare
+from autoep.plan.layouts import Layout
+from autoep.plan.measure import Scenario
+from autoep.plan.memory import COMPONENTS
+from autoep.plan.models import ACCURACY_BUILDERS
 
 WORLD, SEQ, MICRO_BATCH = 4, 64, 2
 

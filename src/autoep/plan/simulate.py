@@ -147,16 +147,20 @@ def in_flight_reduce_scatter_bytes(model: nn.Module) -> int:
     """The largest reduce-scatter input of the model's FSDP units (bytes, in the reduce dtype).
 
     A real backend keeps the input of the reduce-scatter in flight alive until
-    it completes, while FSDP2 goes on with the next layer's backward (measured on
-    gloo: one such buffer at the backward peak). Fake collectives complete at
-    once, so a simulation whose peak falls in the backward adds it.
+    it completes, while FSDP2 goes on with the next layer's backward. Fake
+    collectives complete at once, so a simulation whose peak falls in the
+    backward adds it. Measured on gloo (benchmarks/plan_accuracy.py): one such
+    buffer is alive at the backward peak, for units sharded over a group smaller
+    than the world (the expert mesh), none for units sharded over the whole world;
+    NCCL is not measured.
     """
+    world = dist.get_world_size()
     largest = 0
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
         group = module._get_fsdp_state()._fsdp_param_group
-        if group is None or group.mesh_info.shard_mesh_size <= 1:
+        if group is None or not 1 < group.mesh_info.shard_mesh_size < world:
             continue
         reduce_dtype = group.mp_policy.reduce_dtype or group.fsdp_params[0].orig_dtype
         numel = sum(p.sharded_param._local_tensor.numel() for p in group.fsdp_params)
