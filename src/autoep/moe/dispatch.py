@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from autoep.moe.grouping import sum_rows
 from autoep.parallel.all_to_all import all_to_all_rows, exchange_counts
 
 
@@ -38,6 +39,7 @@ class DispatchState:
     send_counts: list[int] | None = None
     recv_counts: list[int] | None = None
     expert_rows: list[int] | None = None
+    num_assignments: int | None = None  # valid (row, choice) pairs received, when the host knows it
 
 
 @dataclass(frozen=True)
@@ -112,21 +114,25 @@ class AllToAllDispatcher:
             weights_NK = weights_TK[token_N]
             send_counts, recv_counts = list(plan.send_rows), list(plan.recv_rows)
             expert_rows = list(plan.expert_rows)
+            num_assignments = None
         else:
-            token_N, local_NK, weights_NK, send_counts, recv_counts = self._route(x_TD, weights_TK, indices_TK)
+            token_N, local_NK, weights_NK, send_counts, recv_counts, num_assignments = self._route(
+                x_TD, weights_TK, indices_TK
+            )
         self.last_counts = (send_counts, recv_counts)
         # Ids ride with the weights in one fp32 message (exact for ids < 2**24).
         meta_NK2 = torch.cat([weights_NK.float(), local_NK.float()], dim=1)
         x_recv = all_to_all_rows(x_TD[token_N], recv_counts, send_counts, self.group)
         meta_recv = all_to_all_rows(meta_NK2, recv_counts, send_counts, self.group)
         weights_recv, local_recv = meta_recv[:, :K], meta_recv[:, K:].detach().long()
-        state = DispatchState(T, token_N, send_counts, recv_counts, expert_rows)
+        state = DispatchState(T, token_N, send_counts, recv_counts, expert_rows, num_assignments)
         return x_recv, local_recv, weights_recv, state
 
     def _route(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
-        """Rows to send (token ids, local expert ids, weights) and the row counts, from the routing."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int], int]:
+        """Rows to send (token ids, local expert ids, weights), the row counts, and how many (row, choice)
+        assignments this rank will receive, from the routing, with one device-to-host copy."""
         E_local, R = self.num_local_experts, self.ep_size
         T = x_TD.shape[0]
         with torch.no_grad():
@@ -135,17 +141,18 @@ class AllToAllDispatcher:
             hit_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=x_TD.device)
             hit_TR.scatter_(1, rank_TK, True)
             hit_TR = hit_TR[:, :R]
-            # One row per (destination rank, token), ordered by rank then token.
-            rank_N, token_N = hit_TR.t().nonzero(as_tuple=True)
-            send_counts_R = hit_TR.sum(dim=0)
+            # Per peer: rows (one per token that has a choice there) and assignments (choices there).
+            send_R2 = torch.stack([hit_TR.sum(dim=0), torch.bincount(rank_TK.flatten(), minlength=R + 1)[:R]], 1)
+            recv_R2 = exchange_counts(send_R2, self.group)
+            counts = torch.cat([send_R2[:, 0], recv_R2.flatten()]).tolist()  # the forward's one host sync
+            send_counts, recv_counts, num_assignments = counts[:R], counts[R::2], sum(counts[R + 1 :: 2])
+            # One row per (destination rank, token), ordered by rank then token; sized without a sync.
+            rank_N, token_N = torch.nonzero_static(hit_TR.t(), size=sum(send_counts)).unbind(1)
             match_NK = rank_TK[token_N] == rank_N.unsqueeze(1)
             local_NK = torch.where(match_NK, indices_TK[token_N] - rank_N.unsqueeze(1) * E_local, E_local)
-            recv_counts_R = exchange_counts(send_counts_R, self.group)
-            send_counts, recv_counts = send_counts_R.tolist(), recv_counts_R.tolist()
         weights_NK = torch.where(match_NK, weights_TK[token_N], 0.0)
-        return token_N, local_NK, weights_NK, send_counts, recv_counts
+        return token_N, local_NK, weights_NK, send_counts, recv_counts, num_assignments
 
     def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         y_back = all_to_all_rows(y_ND, state.send_counts, state.recv_counts, self.group)
-        out_TD = y_back.new_zeros(state.num_tokens, y_back.shape[1])
-        return out_TD.index_add(0, state.token_N, y_back)
+        return sum_rows(y_back, state.token_N, state.num_tokens)

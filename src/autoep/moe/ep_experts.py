@@ -153,7 +153,7 @@ class ExpertsSite:
             T = x_TD.shape[0]
             x_TD, weights_TK, indices_TK = (take_lane_rows(t, group) for t in (x_TD, weights_TK, indices_TK))
         x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
-        y_ND = self._local_experts(experts, x_ND, local_NK, weights_NK, state.expert_rows)
+        y_ND = self._local_experts(experts, x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
         out_TD = self.dispatcher.combine(y_ND, state)
         return out_TD if group is None else gather_lane_rows(out_TD, T, group)
 
@@ -164,10 +164,11 @@ class ExpertsSite:
         local_NK: torch.Tensor,
         weights_NK: torch.Tensor,
         planned_counts: list[int] | None = None,
+        num_assignments: int | None = None,
     ) -> torch.Tensor:
         """The module's own layout and activation on its local weights, as one grouped GEMM per projection."""
         layout = self.spec.experts
-        a = group_by_expert(local_NK, self.num_local_experts, planned_counts)
+        a = group_by_expert(local_NK, self.num_local_experts, planned_counts, num_assignments)
         self.tokens_per_expert = a.counts_E
         w_in = local_tensor(getattr(experts, layout.in_proj))
         w_out = local_tensor(experts.down_proj)

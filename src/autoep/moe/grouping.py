@@ -35,18 +35,52 @@ class Assignments:
 
 @torch.no_grad()
 def group_by_expert(
-    local_NK: torch.Tensor, num_local_experts: int, planned_counts: list[int] | None = None
+    local_NK: torch.Tensor,
+    num_local_experts: int,
+    planned_counts: list[int] | None = None,
+    num_assignments: int | None = None,
 ) -> Assignments:
     """Sort the assignments by local expert; ``planned_counts`` (a simulation's, see
-    :class:`autoep.moe.dispatch.PlannedCounts`) gives their number per expert instead of the ids."""
+    :class:`autoep.moe.dispatch.PlannedCounts`) gives their number per expert instead of the ids.
+
+    ``num_assignments``: how many valid (row, choice) pairs there are, when the host already knows
+    (the dispatcher's counts exchange tells it): then finding them needs no device-to-host sync.
+    """
     if planned_counts is not None:
         return _planned_assignments(local_NK, planned_counts)
-    row_A, slot_A = (local_NK < num_local_experts).nonzero(as_tuple=True)
+    valid_NK = local_NK < num_local_experts
+    if num_assignments is None:
+        row_A, slot_A = valid_NK.nonzero(as_tuple=True)  # sizes its output: a host sync
+    else:
+        row_A, slot_A = torch.nonzero_static(valid_NK, size=num_assignments).unbind(1)
     expert_A = local_NK[row_A, slot_A]
     order_A = torch.argsort(expert_A, stable=True)
     row_A, slot_A, expert_A = row_A[order_A], slot_A[order_A], expert_A[order_A]
     counts_E = torch.bincount(expert_A, minlength=num_local_experts)
     return Assignments(row_A, slot_A, expert_A, counts_E)
+
+
+class _SumRows(torch.autograd.Function):
+    """``zeros(num_rows, D).index_add(0, index, rows)`` whose backward keeps only ``index``.
+
+    torch's own ``index_add`` saves its source for backward although only its
+    shape is needed: ``[A, D]`` activations kept for nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_AD: torch.Tensor, index_A: torch.Tensor, num_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index_A)
+        return rows_AD.new_zeros((num_rows, rows_AD.shape[1])).index_add_(0, index_A, rows_AD)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        (index_A,) = ctx.saved_tensors
+        return grad_ND.index_select(0, index_A), None, None
+
+
+def sum_rows(rows_AD: torch.Tensor, index_A: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``out[n] = Σ rows[a]`` over the rows with ``index[a] == n``, ``[num_rows, D]``."""
+    return _SumRows.apply(rows_AD, index_A, num_rows)
 
 
 def combine_rows(y_AD: torch.Tensor, weights_NK: torch.Tensor, assignments: Assignments, num_rows: int) -> torch.Tensor:
@@ -55,7 +89,7 @@ def combine_rows(y_AD: torch.Tensor, weights_NK: torch.Tensor, assignments: Assi
     # several times slower on CPU and gains nothing once rounded back to bf16.
     a = assignments
     weighted_AD = y_AD * weights_NK[a.row_A, a.slot_A].to(y_AD.dtype).unsqueeze(-1)
-    return y_AD.new_zeros((num_rows, y_AD.shape[1])).index_add(0, a.row_A, weighted_AD)
+    return sum_rows(weighted_AD, a.row_A, num_rows)
 
 
 def _planned_assignments(local_NK: torch.Tensor, counts: list[int]) -> Assignments:

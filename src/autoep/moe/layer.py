@@ -11,7 +11,7 @@ from autoep.moe import balance as bal
 from autoep.moe.capacity import apply_capacity
 from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from autoep.moe.experts import GemmBackend, GroupedExperts
-from autoep.moe.grouping import combine_rows, group_by_expert
+from autoep.moe.grouping import combine_rows, group_by_expert, sum_rows
 from autoep.moe.load_stats import LayerLoadStats
 from autoep.moe.router import SIGMOID_SCORINGS, RouterOutput, TopKRouter
 from autoep.moe.spec import MoESpec
@@ -173,7 +173,7 @@ class MoELayer(nn.Module):
             T = x_TD.shape[0]
             x_TD, weights_TK, indices_TK = (take_lane_rows(t, group) for t in (x_TD, weights_TK, indices_TK))
         x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
-        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows)
+        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
         out_TD = self.dispatcher.combine(y_ND, state)
         return out_TD if group is None else gather_lane_rows(out_TD, T, group)
 
@@ -207,6 +207,7 @@ class MoELayer(nn.Module):
         local_NK: torch.Tensor,
         weights_NK: torch.Tensor,
         planned_counts: list[int] | None = None,
+        num_assignments: int | None = None,
     ) -> torch.Tensor:
         """Run each (row, choice) on its local expert and sum the weighted results per row.
 
@@ -215,7 +216,7 @@ class MoELayer(nn.Module):
         weights of all its choices owned here, so either way each assignment
         gets exactly its own weight.
         """
-        a = group_by_expert(local_NK, self.num_local_experts, planned_counts)
+        a = group_by_expert(local_NK, self.num_local_experts, planned_counts, num_assignments)
         counts_E = a.counts_E
         self.tokens_per_expert = counts_E  # routed (token, expert) pairs each local expert got, for load metrics
         counts_list = a.counts_list(self.experts.uses_loop(x_ND))
@@ -224,7 +225,7 @@ class MoELayer(nn.Module):
             x_AD = x_AD * weights_NK[a.row_A, a.slot_A].to(x_AD.dtype).unsqueeze(-1)
         y_AD = self.experts(x_AD, counts_E, counts_list, a.expert_A)
         if self.spec.weights_scale_input:
-            return y_AD.new_zeros((x_ND.shape[0], y_AD.shape[1])).index_add(0, a.row_A, y_AD)
+            return sum_rows(y_AD, a.row_A, x_ND.shape[0])
         return combine_rows(y_AD, weights_NK, a, x_ND.shape[0])
 
     # The MoE-site interface shared with the experts path (autoep.moe.sites).
