@@ -103,19 +103,22 @@ def _record_routing(block: torch.nn.Module) -> list:
 
     def recording(x_TD, weights_TK, indices_TK):
         seen.append((indices_TK.detach().clone(), site.num_experts, x_TD.shape[-1] * x_TD.element_size()))
+        seen.append(indices_TK.shape[1])
         return dispatch(x_TD, weights_TK, indices_TK)
 
     site.dispatcher.dispatch = recording
     return seen
 
 
-def _lower_bound(seen: list, ep: int) -> int:
-    """Bytes of token rows dispatch must send: one row per token and distinct (real) destination rank."""
-    indices_TK, num_experts, row_bytes = seen[0]
+def _lower_bound(seen: list, ep: int) -> tuple[int, int]:
+    """Bytes of token rows one exchange must send (one row per token and distinct real destination rank),
+    and the bytes of routing metadata autoep sends with them (k weights and k ids per row, fp32)."""
+    (indices_TK, num_experts, row_bytes), top_k = seen[0], seen[1]
     per_rank = num_experts // ep
     ranks_TK = torch.div(indices_TK, per_rank, rounding_mode="floor")  # dropped choices (id E) -> rank ep
     hit = torch.zeros(ranks_TK.shape[0], ep + 1, dtype=torch.bool).scatter_(1, ranks_TK, True)[:, :ep]
-    return int(hit.sum()) * row_bytes
+    rows = int(hit.sum())
+    return rows * row_bytes, rows * 2 * top_k * 4
 
 
 def _measure(model_name: str, ep: int, tokens: int, seed: int) -> dict:
@@ -134,7 +137,7 @@ def _measure(model_name: str, ep: int, tokens: int, seed: int) -> dict:
     x_BSD = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(seed + rank))
     seen = _record_routing(block)
     ours = _layer_costs(block, x_BSD)
-    ours["bound"] = _lower_bound(seen, ep)
+    ours["bound"], ours["meta"] = _lower_bound(seen, ep)
     theirs = _layer_costs(_hf_block(reference, path), x_BSD)
     # Collectives of one whole training step (dense + expert meshes).
     model = copy.deepcopy(reference)
@@ -145,19 +148,25 @@ def _measure(model_name: str, ep: int, tokens: int, seed: int) -> dict:
     optimizer = build_optimizer(model, config)
     with CollectiveCounter() as step_comm:
         train_step(model, optimizer, [ids])
-    totals = torch.tensor([ours[k] for k in ("a2a_fwd", "a2a_bwd", "bound")], dtype=torch.float64)
+    keys = ("a2a_fwd", "a2a_bwd", "bound", "meta", "saved")
+    totals = torch.tensor([ours[k] for k in keys] + [theirs["saved"]], dtype=torch.float64)
     dist.all_reduce(totals)  # per-token figures over the whole EP group
-    ours.update(a2a_fwd_all=totals[0].item(), a2a_bwd_all=totals[1].item(), bound_all=totals[2].item())
+    ours.update({f"{k}_all": v for k, v in zip(keys, totals[:-1].tolist(), strict=True)})
+    theirs["saved_all"] = totals[-1].item()
     return {"ours": ours, "hf": theirs, "step": dict(step_comm.counts), "tokens": tokens * dist.get_world_size()}
 
 
-def _row(model_name: str, ep: int, r: dict, tokens_per_rank: int) -> str:
+def _row(model_name: str, ep: int, r: dict) -> str:
     ours, hf, tokens = r["ours"], r["hf"], r["tokens"]
-    collectives = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["step"]).items()))
+    collectives = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["step"]).items()) if "wrap" not in k)
+    # Each direction has two row exchanges (dispatch, combine; their gradients in backward).
+    rows_fwd = (ours["a2a_fwd_all"] - ours["meta_all"]) / (2 * ours["bound_all"])
+    rows_bwd = (ours["a2a_bwd_all"] - ours["meta_all"]) / (2 * ours["bound_all"])
     return (
         f"| {model_name} | {ep} | {ours['syncs_fwd']} | {ours['syncs_bwd']} | {ours['a2a_fwd_all'] / tokens:.0f} | "
-        f"{ours['bound_all'] / tokens:.0f} | {ours['a2a_bwd_all'] / tokens:.0f} | "
-        f"{ours['saved'] / tokens_per_rank:.0f} | {hf['saved'] / tokens_per_rank:.0f} | "
+        f"{ours['a2a_bwd_all'] / tokens:.0f} | {ours['meta_all'] / tokens:.0f} | "
+        f"{2 * ours['bound_all'] / tokens:.0f} | "
+        f"{rows_fwd:.2f} / {rows_bwd:.2f} | {ours['saved_all'] / tokens:.0f} | {hf['saved_all'] / tokens:.0f} | "
         f"{hf['syncs_fwd']} / {hf['syncs_bwd']} | {collectives} |"
     )
 
@@ -172,14 +181,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(
-        "| model | ep | syncs fwd | syncs bwd | a2a B/token fwd | lower bound | a2a B/token bwd | "
-        "saved B/token | HF saved B/token | HF syncs fwd / bwd | collectives per step |"
+        "| model | ep | syncs fwd | syncs bwd | a2a B/token fwd | a2a B/token bwd | of which routing metadata | "
+        "lower bound for rows | rows / bound fwd / bwd | saved B/token | HF saved B/token | HF syncs fwd / bwd | "
+        "collectives per training step |"
     )
-    print("| --- | " * 11)
+    print("|" + " --- |" * 13)
     for name in args.models:
         for ep in args.ep:
             result = run_local(_measure, ep, name, ep, args.tokens, args.seed)[0]
-            print(_row(name, ep, result, args.tokens), flush=True)
+            print(_row(name, ep, result), flush=True)
             print(f"<!-- {name} ep{ep} sync kinds: fwd {result['ours']['syncs_fwd_kinds']} "
                   f"bwd {result['ours']['syncs_bwd_kinds']} -->", flush=True)  # fmt: skip
 
