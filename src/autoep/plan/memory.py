@@ -169,5 +169,16 @@ class RoutedRegion:
         finally:
             self.tracker.routed_depth -= 1
 
+    # The same span when a layer drives the exchange in steps (overlapping other work with it).
+    def start_dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        self.tracker.routed_depth += 1
+        return self.inner.start_dispatch(*args, **kwargs)
+
+    def finish_combine(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.inner.finish_combine(*args, **kwargs)
+        finally:
+            self.tracker.routed_depth -= 1
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
