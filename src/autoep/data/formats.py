@@ -139,6 +139,8 @@ class TextEncoder(Encoder):
         if isinstance(value, str):
             return value
         text = value.get(self.text_field)
+        if self.text_field in value and not isinstance(text, str):
+            raise RecordError(f"field {self.text_field!r} is not a string (it is {type(text).__name__})")
         if not isinstance(text, str):
             fields = ", ".join(sorted(value)) or "none"
             raise RecordError(

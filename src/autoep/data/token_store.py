@@ -244,8 +244,13 @@ def build_or_open(
 
     _wait_for(lambda: everyone_ended() or (final / "meta.json").is_file())
     errors = sorted(tmp.glob("error-*.txt")) if tmp.exists() else []
-    if errors:
-        raise ConfigError(errors[0].read_text())
+    if errors:  # every local rank raises the lowest builder's error; the last one out removes the build
+        message = errors[0].read_text()
+        (tmp / f"seen-{local_index:05d}").touch()
+        if local_index == 0:
+            _wait_for(lambda: all((tmp / f"seen-{i:05d}").exists() for i in range(local_count)))
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(message)
     if local_index == 0 and not (final / "meta.json").is_file():
         stats = [json.loads((tmp / f"done-{i:05d}.json").read_text()) for i in range(local_count)]
         _finalize(tmp, final, local_count, stats, meta)
