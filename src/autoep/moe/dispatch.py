@@ -9,6 +9,13 @@ With expert parallelism a token is sent to a rank once, however many of its k
 experts live there: the receiving rank applies and sums them locally and sends
 back one row. This cuts all-to-all volume by up to k on clustered routing.
 
+Each exchange is split into named steps a schedule can interleave with other
+work (:class:`autoep.moe.layer.MoELayer` computes its shared experts while
+the token exchange is in flight): ``start_dispatch`` (count exchange, the
+forward's one host sync, token exchange started) / ``finish_dispatch``, and
+``start_combine`` (combine exchange started) / ``finish_combine``.
+``dispatch`` and ``combine`` run both steps back to back.
+
 Simulation hook: a dispatcher's ``planner`` (``None`` in training) supplies the
 routing counts instead of the routing itself. Under a fake process group and
 fake tensors (:mod:`autoep.plan`) neither the counts exchange nor the token ids
@@ -27,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from autoep.moe.grouping import sum_rows
-from autoep.parallel.all_to_all import all_to_all_rows, exchange_counts
+from autoep.parallel.all_to_all import all_to_all_rows, exchange_counts, wait_rows
 
 
 @dataclass
@@ -64,33 +71,72 @@ class RoutingPlanner(Protocol):
     ) -> PlannedCounts: ...
 
 
+@dataclass
+class Pending:
+    """An exchange in flight: its (not yet waited) received tensors and what finishing it needs."""
+
+    rows: torch.Tensor
+    state: DispatchState
+    meta: torch.Tensor | None = None
+    top_k: int = 0
+
+
 def _planned_token_ids(send_rows: tuple[int, ...], num_tokens: int, device: torch.device) -> torch.Tensor:
     """Stand-in token ids for planned rows: per destination, the first ``send_rows[r]`` tokens."""
     parts = [torch.arange(n, device=device) % max(num_tokens, 1) for n in send_rows]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
-class LocalDispatcher:
+class Dispatcher:
+    """The four steps every dispatcher implements, and their back-to-back composition."""
+
+    def start_dispatch(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> Pending:
+        raise NotImplementedError
+
+    def finish_dispatch(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
+        raise NotImplementedError
+
+    def start_combine(self, y_ND: torch.Tensor, state: DispatchState) -> Pending:
+        raise NotImplementedError
+
+    def finish_combine(self, pending: Pending) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dispatch(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
+        return self.finish_dispatch(self.start_dispatch(x_TD, weights_TK, indices_TK))
+
+    def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return self.finish_combine(self.start_combine(y_ND, state))
+
+
+class LocalDispatcher(Dispatcher):
     """ep = 1: every expert is local, rows are the tokens themselves."""
 
     def __init__(self, num_local_experts: int) -> None:
         self.num_local_experts = num_local_experts
         self.planner: RoutingPlanner | None = None
 
-    def dispatch(
-        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
+    def start_dispatch(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> Pending:
         state = DispatchState(num_tokens=x_TD.shape[0])
         if self.planner is not None:
             plan = self.planner(x_TD.shape[0], indices_TK.shape[1], 1, 0, self.num_local_experts)
             state.expert_rows = list(plan.expert_rows)
-        return x_TD, indices_TK, weights_TK, state
+        return Pending(x_TD, state, meta=(weights_TK, indices_TK))
 
-    def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        return y_ND
+    def finish_dispatch(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
+        weights_TK, indices_TK = pending.meta
+        return pending.rows, indices_TK, weights_TK, pending.state
+
+    def start_combine(self, y_ND: torch.Tensor, state: DispatchState) -> Pending:
+        return Pending(y_ND, state)
+
+    def finish_combine(self, pending: Pending) -> torch.Tensor:
+        return pending.rows
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
     """ep > 1: experts ``[r * E_local, (r + 1) * E_local)`` live on EP rank ``r``."""
 
     def __init__(self, num_local_experts: int, group: dist.ProcessGroup) -> None:
@@ -100,15 +146,15 @@ class AllToAllDispatcher:
         self.planner: RoutingPlanner | None = None
         self.last_counts: tuple[list[int], list[int]] | None = None  # (send, recv) rows of the latest dispatch
 
-    def dispatch(
-        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
+    def start_dispatch(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> Pending:
+        """Count exchange (the host learns the sizes: one sync), then start the token exchange."""
         E_local, R = self.num_local_experts, self.ep_size
         T, K = x_TD.shape[0], indices_TK.shape[1]
         expert_rows = None
         if self.planner is not None:
             plan = self.planner(T, K, R, dist.get_rank(self.group), E_local)
-            exchange_counts(torch.tensor(plan.send_rows, device=x_TD.device), self.group)  # the same collectives
+            planned_R2 = torch.tensor([[n, 0] for n in plan.send_rows], device=x_TD.device)
+            exchange_counts(planned_R2, self.group)  # the same collectives, of the same sizes
             token_N = _planned_token_ids(plan.send_rows, T, x_TD.device)
             local_NK = torch.zeros(token_N.shape[0], K, dtype=torch.long, device=x_TD.device)
             weights_NK = weights_TK[token_N]
@@ -122,11 +168,16 @@ class AllToAllDispatcher:
         self.last_counts = (send_counts, recv_counts)
         # Ids ride with the weights in one fp32 message (exact for ids < 2**24).
         meta_NK2 = torch.cat([weights_NK.float(), local_NK.float()], dim=1)
-        x_recv = all_to_all_rows(x_TD[token_N], recv_counts, send_counts, self.group)
-        meta_recv = all_to_all_rows(meta_NK2, recv_counts, send_counts, self.group)
-        weights_recv, local_recv = meta_recv[:, :K], meta_recv[:, K:].detach().long()
+        x_recv = all_to_all_rows(x_TD[token_N], recv_counts, send_counts, self.group, wait=False)
+        meta_recv = all_to_all_rows(meta_NK2, recv_counts, send_counts, self.group, wait=False)
         state = DispatchState(T, token_N, send_counts, recv_counts, expert_rows, num_assignments)
-        return x_recv, local_recv, weights_recv, state
+        return Pending(x_recv, state, meta=meta_recv, top_k=K)
+
+    def finish_dispatch(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
+        """Wait for the token exchange: rows, their local expert ids and weights, and the state to combine."""
+        K, meta_recv = pending.top_k, wait_rows(pending.meta)
+        weights_recv, local_recv = meta_recv[:, :K], meta_recv[:, K:].detach().long()
+        return wait_rows(pending.rows), local_recv, weights_recv, pending.state
 
     def _route(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
@@ -153,6 +204,11 @@ class AllToAllDispatcher:
         weights_NK = torch.where(match_NK, weights_TK[token_N], 0.0)
         return token_N, local_NK, weights_NK, send_counts, recv_counts, num_assignments
 
-    def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        y_back = all_to_all_rows(y_ND, state.send_counts, state.recv_counts, self.group)
-        return sum_rows(y_back, state.token_N, state.num_tokens)
+    def start_combine(self, y_ND: torch.Tensor, state: DispatchState) -> Pending:
+        """Start sending the expert outputs back to the ranks their tokens came from."""
+        return Pending(all_to_all_rows(y_ND, state.send_counts, state.recv_counts, self.group, wait=False), state)
+
+    def finish_combine(self, pending: Pending) -> torch.Tensor:
+        """Wait for the combine exchange; sum each token's rows, ``[T, D]``."""
+        state = pending.state
+        return sum_rows(wait_rows(pending.rows), state.token_N, state.num_tokens)

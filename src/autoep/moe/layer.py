@@ -89,6 +89,7 @@ class MoELayer(nn.Module):
             )
         else:
             self.dispatcher = LocalDispatcher(self.num_local_experts)
+        self.set_overlap(True)
         self.tokens_per_expert: torch.Tensor | None = None
         self.added_selection_bias = False  # set by convert: the family has no e_score_correction_bias of its own
         self.load_stats = LayerLoadStats(spec.num_experts)
@@ -128,17 +129,10 @@ class MoELayer(nn.Module):
             )
             dropped_E = dropped_E[: self.spec.num_experts]  # zero-expert choices arrive as the sentinel id E
         self.balance_losses = {}
-        if self.training:
-            self._balance(routed, shape, dropped_E)
-        out_TD = self._routed_experts(x_TD, weights_TK, indices_TK)
+        out_TD, shared_TD = self._schedule(x_TD, weights_TK, indices_TK, routed, shape, dropped_E)
         if zero_TD is not None:
             out_TD = out_TD + zero_TD
-        shared = self.shared_module
-        if shared is not None:
-            shared_TD = shared(x_TD)
-            gate = self.shared_gate_module
-            if gate is not None:
-                shared_TD = torch.sigmoid(gate(x_TD)) * shared_TD
+        if shared_TD is not None:
             out_TD = out_TD + shared_TD
         out = out_TD if self.spec.flat_output else out_TD.reshape(shape)
         if self.spec.returns_router_scores:
@@ -166,16 +160,44 @@ class MoELayer(nn.Module):
             zero_TD = (x_TD * weight_T1).to(x_TD.dtype)  # product in the weights' fp32, as the HF experts do
         return torch.where(zero_TK, E, indices_TK), torch.where(zero_TK, 0.0, weights_TK), zero_TD
 
-    def _routed_experts(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
-        """Dispatch, run the experts, combine; folded, on this lane's rows only."""
-        group = self.fold_group
-        if group is not None:
-            T = x_TD.shape[0]
-            x_TD, weights_TK, indices_TK = (take_lane_rows(t, group) for t in (x_TD, weights_TK, indices_TK))
-        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
+    def set_overlap(self, overlap: bool) -> None:
+        """Compute the shared experts and the balancing bookkeeping while the token exchange is in flight
+        (the default), or after the routed experts (``False``: the sequential order, for comparison)."""
+        self._schedule = self._overlapped if overlap else self._sequential
+
+    def _overlapped(self, x_TD, weights_TK, indices_TK, routed, shape, dropped_E):
+        """Start dispatch; meanwhile balance and shared experts; then experts, combine."""
+        pending = self.dispatcher.start_dispatch(*self._lane(x_TD, weights_TK, indices_TK))
+        if self.training:
+            self._balance(routed, shape, dropped_E)
+        shared_TD = self._shared_experts(x_TD)
+        x_ND, local_NK, weights_NK, state = self.dispatcher.finish_dispatch(pending)
         y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
-        out_TD = self.dispatcher.combine(y_ND, state)
-        return out_TD if group is None else gather_lane_rows(out_TD, T, group)
+        return self._unlane(self.dispatcher.combine(y_ND, state), x_TD), shared_TD
+
+    def _sequential(self, x_TD, weights_TK, indices_TK, routed, shape, dropped_E):
+        if self.training:
+            self._balance(routed, shape, dropped_E)
+        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(*self._lane(x_TD, weights_TK, indices_TK))
+        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
+        return self._unlane(self.dispatcher.combine(y_ND, state), x_TD), self._shared_experts(x_TD)
+
+    def _lane(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Folded over tp: this lane's share of the rows (dispatch and experts run on it only)."""
+        group = self.fold_group
+        return tensors if group is None else tuple(take_lane_rows(t, group) for t in tensors)
+
+    def _unlane(self, out_TD: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        group = self.fold_group
+        return out_TD if group is None else gather_lane_rows(out_TD, x_TD.shape[0], group)
+
+    def _shared_experts(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        shared = self.shared_module
+        if shared is None:
+            return None
+        shared_TD = shared(x_TD)
+        gate = self.shared_gate_module
+        return shared_TD if gate is None else torch.sigmoid(gate(x_TD)) * shared_TD
 
     def _priority(self, routed: RouterOutput) -> torch.Tensor:
         """Routing probability of each choice, the order the ``probs`` drop policy keeps."""

@@ -24,7 +24,18 @@ def all_to_all_rows(
     recv_counts: list[int],
     send_counts: list[int],
     group: dist.ProcessGroup,
+    *,
+    wait: bool = True,
 ) -> torch.Tensor:
-    """Send ``send_counts[r]`` consecutive rows to rank ``r``; receive ``recv_counts[r]`` from it."""
+    """Send ``send_counts[r]`` consecutive rows to rank ``r``; receive ``recv_counts[r]`` from it.
+
+    With ``wait=False`` the exchange is only started: compute on other tensors
+    overlaps it, and :func:`wait_rows` (or the first use of the result) waits.
+    """
     out = funcol.all_to_all_single_autograd(x_ND.contiguous(), recv_counts, send_counts, group)
-    return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    return wait_rows(out) if wait else out
+
+
+def wait_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The rows of a started exchange, once it has completed."""
+    return funcol.wait_tensor(rows) if isinstance(rows, funcol.AsyncCollectiveTensor) else rows
