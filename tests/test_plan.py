@@ -66,3 +66,12 @@ def test_cli_json(capsys):
 def test_cli_refuses_bad_ep(capsys):
     assert main(["plan", "tiny-mixtral", "--gpus", "4", "--ep", "3"]) == 2
     assert "ep [3]" in capsys.readouterr().err
+
+
+def test_train_refuses_a_layout_that_will_not_fit(tmp_path, capsys):
+    """`autoep train --gpu-memory` simulates the job's layout before launching any worker."""
+    code = main(["train", "--steps", "2", "--output", str(tmp_path / "run"), "--gpu-memory", "1MiB"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "needs" in err and "per GPU at peak" in err and "but a GPU has 1.0 MiB" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing was launched

@@ -92,6 +92,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 parameters in forward/backward, fp32 reductions")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--seed", type=int, help="seed for weights of built-in models and data order (default: 0)")
+    g.add_argument(
+        "--gpu-memory",
+        help="memory per GPU (e.g. 80GiB): simulate this layout first (as `autoep plan` does) and refuse it, "
+        "with the numbers, if it will not fit",
+    )
     g = p.add_argument_group("load balancing (override --config's load_balancing; all off by default)")
     g.add_argument("--aux-loss-coef", type=float, help="switch-style aux loss per micro-batch")
     g.add_argument("--seq-aux-loss-coef", type=float, help="DeepSeek-V3 sequence-wise aux loss")
@@ -406,6 +411,10 @@ def _validate(args: argparse.Namespace, config, world: int | None) -> None:
         config.parallel_dims(world)
         plan_conversion(meta, config.ep_size, world_size=world)
         validate_tensor_parallel(meta, config.tp_size)
+        if args.gpu_memory and not _inside_torchrun():  # a fake world in this process, before any real one
+            from autoep.plan import check_layout
+
+            check_layout(args.model, config, world, args.gpu_memory, args.seq_len)
 
 
 def _validate_data(args: argparse.Namespace) -> None:

@@ -273,6 +273,11 @@ def _num_experts(model: nn.Module) -> int:
     return math.gcd(*[spec.num_experts for _, _, spec in described])
 
 
+def _size(nbytes: float) -> str:
+    """GiB, or MiB below 1 GiB (tiny models), with one decimal."""
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
 def check_layout(model: Any, config: AutoEPConfig, world_size: int, gpu_memory: str | int, seq_len: int) -> LayoutPlan:
     """Simulate the job's own layout; raise :class:`ConfigError` with the numbers if it will not fit.
 
@@ -293,10 +298,10 @@ def check_layout(model: Any, config: AutoEPConfig, world_size: int, gpu_memory: 
     result = simulate_layout(meta, layout, seq_len, parse_memory(gpu_memory))
     if not result.fits:
         worst = result.busiest or result.balanced
-        parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in worst.as_dict().items() if k != "total")
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in worst.as_dict().items() if k != "total")
         raise ConfigError(
-            f"layout {layout.label()} on {world_size} GPUs needs {result.peak / GiB:.1f} GiB per GPU at peak "
-            f"(GiB: {parts}; seq_len {seq_len}, expert imbalance {DEFAULT_IMBALANCE}x) but a GPU has "
-            f"{result.gpu_memory / GiB:.1f} GiB; run `autoep plan` to find a layout that fits"
+            f"layout {layout.label()} on {world_size} GPUs needs {_size(result.peak)} per GPU at peak "
+            f"({parts}; seq_len {seq_len}, expert imbalance {DEFAULT_IMBALANCE}x) but a GPU has "
+            f"{_size(result.gpu_memory)}; run `autoep plan` to find a layout that fits"
         )
     return result
