@@ -63,6 +63,22 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     """
     if not dist.is_initialized():
         raise ConfigError("autoep.parallelize needs torch.distributed: launch with `autoep train` or torchrun")
+    shard(model, config)
+    if has_meta_parameters(model):
+        materialize(model, local_device())
+        if init_meta:
+            init_deterministic_(model, seed=config.seed)
+    mark_distributed(model)  # accelerate / Trainer must not wrap it again
+    return model
+
+
+def shard(model: nn.Module, config: AutoEPConfig) -> ParallelState:
+    """`parallelize` up to materialisation: the model's tensors stay where they are (meta for a plan).
+
+    Validate, build the meshes, convert (folding over tp), apply tensor
+    parallelism, activation checkpointing and FSDP; sets ``model.autoep``.
+    `autoep.plan` simulates exactly this on a fake world.
+    """
     dims = validate(model, config, dist.get_world_size())
     meshes = build_meshes(dims, config.zero_stage)
     # Tensor-parallel peers see the same tokens: their MoE layers fold, and routing statistics
@@ -81,10 +97,5 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
             raise ConfigError(f"{type(model).__name__} does not support activation checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_fsdp(model, config, dims, meshes)
-    if has_meta_parameters(model):
-        materialize(model, local_device())
-        if init_meta:
-            init_deterministic_(model, seed=config.seed)
     model.autoep = ParallelState(config, dims, meshes, report, tp_plan)
-    mark_distributed(model)  # accelerate / Trainer must not wrap it again
-    return model
+    return model.autoep

@@ -1,6 +1,6 @@
 """One training step of a converted, parallelized model, tracked: real (gloo ranks) or simulated (fake world).
 
-The same code runs both: :func:`shard` (autoep's parallelize, up to the point
+The same code runs both: :func:`autoep.parallelize.shard` (parallelize up to the point
 where memory would be allocated), :func:`run_step` (forward and backward of
 every micro-batch, the global gradient norm, clipping, the optimizer step) and
 the trackers of :mod:`autoep.plan.memory` and :mod:`autoep.plan.comm`. In the
@@ -22,16 +22,12 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from autoep.config import AutoEPConfig
-from autoep.convert import convert
 from autoep.moe.dispatch import PlannedCounts, RoutingPlanner
 from autoep.moe.sites import moe_sites
 from autoep.optim import build_optimizer
 from autoep.parallel.clip import clip_grad_norm_
-from autoep.parallel.fsdp import apply_fsdp
-from autoep.parallel.groups import build_meshes
 from autoep.parallel.materialize import materialize
-from autoep.parallel.tensor_parallel import TPPlan, apply_tensor_parallel
-from autoep.parallelize import ParallelState, validate
+from autoep.parallelize import shard
 from autoep.plan.comm import CommCounter, CommCounts
 from autoep.plan.fake_world import fake_world
 from autoep.plan.layouts import Layout
@@ -58,31 +54,6 @@ class StepMeasurement:
             "comm_bytes": self.comm.as_dict(),
             "seconds": round(self.seconds, 3),
         }
-
-
-def shard(model: nn.Module, config: AutoEPConfig) -> ParallelState:
-    """`autoep.parallelize` without materialisation: the model stays where it is (meta, for a plan).
-
-    Same steps in the same order (validate, meshes, convert with folding, TP,
-    activation checkpointing, FSDP), so the simulated model is the trained one.
-    """
-    dims = validate(model, config, dist.get_world_size())
-    meshes = build_meshes(dims, config.zero_stage)
-    report = convert(
-        model,
-        config.ep_size,
-        ep_group=meshes.ep,
-        balance=config.load_balancing,
-        stats_group=meshes.stats_group,
-        fold_group=meshes.tp_group,
-    )
-    tp_plan = apply_tensor_parallel(model, meshes.tp) if meshes.tp is not None else TPPlan()
-    if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_fsdp(model, config, dims, meshes)
-    state = ParallelState(config, dims, meshes, report, tp_plan)
-    model.autoep = state
-    return state
 
 
 def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor]) -> None:
