@@ -61,8 +61,16 @@ def _fields(micro: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     return ids, ids if labels is None else labels, get("position_ids")
 
 
-def _label_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())
+def _label_tokens(labels: torch.Tensor, masked: bool) -> int:
+    """Label tokens of a micro-batch; from its shape when nothing is masked (no device-to-host copy)."""
+    return int((labels[:, 1:] != -100).sum()) if masked else labels.shape[0] * (labels.shape[1] - 1)
+
+
+def _dp_size(model: nn.Module) -> int:
+    state = getattr(model, "autoep", None)
+    if state is not None:
+        return state.dims.dp
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def global_label_tokens(model: nn.Module, local: int) -> tuple[int, int]:
@@ -98,9 +106,16 @@ def train_step(
     totals = torch.zeros(2, dtype=torch.float32)  # objective, balancing part
     count = len(micro_batches)
     fields = [_fields(micro) for micro in micro_batches]
-    counts = [_label_tokens(labels) for _, labels, _ in fields]
+    # Plain token tensors are full rows: every label counts and every rank's batch has the same shape,
+    # so the global count needs neither a host sync nor a collective.
+    masked = not all(isinstance(micro, torch.Tensor) for micro in micro_batches)
+    counts = [_label_tokens(labels, masked) for _, labels, _ in fields]
     mark("counting label tokens")
-    total, dp = global_label_tokens(model, sum(counts))
+    if masked:
+        total, dp = global_label_tokens(model, sum(counts))
+    else:
+        dp = _dp_size(model)
+        total = sum(counts) * dp
     per_micro = max(total, 1) / (dp * count)  # what each micro-batch's summed token loss is divided by
     for index, (input_ids, labels, position_ids) in enumerate(fields):
         _set_sync(model, index == count - 1)
