@@ -19,6 +19,7 @@ from autoep.launch import collective_timeout
 from autoep.load_balance import moe_layers
 from autoep.models.loading import is_builtin_model, load_config, load_model
 from autoep.optim import build_optimizer
+from autoep.optim.schedule import scheduler_state_for
 from autoep.parallel.groups import apply_timeout_to_all_groups, local_device
 from autoep.parallelize import parallelize
 from autoep.train.heartbeat import heartbeat, install_moe_phase_hooks, mark
@@ -136,16 +137,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     start = 0
     if should_resume(job):  # --resume, or a restart after a worker failure
         state = load_checkpoint(job.checkpoint_root, model, optimizer)
-        # Per-group lists follow the optimizer's groups, which depend on the layout: take them
-        # from the restored optimizer (hyperparameters are saved per parameter), the step from the run.
-        groups = optimizer.param_groups
-        scheduler.load_state_dict(
-            {
-                **state.extra["scheduler"],
-                "base_lrs": [g["initial_lr"] for g in groups],
-                "_last_lr": [g["lr"] for g in groups],
-            }
-        )
+        # Per-group lists follow the optimizer's groups, which depend on the layout.
+        scheduler.load_state_dict(scheduler_state_for(optimizer, state.extra["scheduler"]))
         start = state.data_position
         if is_main:
             _truncate_metrics(output / "metrics.jsonl", keep_through=start)
