@@ -110,3 +110,31 @@ def test_torch_lr_schedulers_drive_autoep_optimizers():
     optimizer.step()
     schedule.step()
     assert [g["lr"] for g in optimizer.param_groups] == [lr / 2 for lr in before]
+
+
+@pytest.mark.parametrize(
+    ("precision", "config", "message"),
+    [
+        ("fp16", {}, "not supported"),
+        ("bf16", {}, "does not reach an autoep model"),
+        ("bf16", {"mixed_precision": {"param_dtype": "bfloat16"}}, None),
+    ],
+)
+def test_accelerator_settings_that_would_be_skipped_are_refused(precision, config, message):
+    """accelerate's prepare() leaves an autoep model alone, so its own mixed precision would silently not apply."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from autoep.parallelize import validate
+
+    Accelerator(mixed_precision=precision, cpu=True)
+    try:
+        model, config = build_tiny_model("tiny-mixtral"), autoep.AutoEPConfig(**config)
+        if message is None:
+            validate(model, config, world_size=1)
+        else:
+            with pytest.raises(ConfigError, match=message):
+                validate(model, config, world_size=1)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert not dist.is_initialized()

@@ -14,7 +14,7 @@ from autoep.parallel.fsdp import apply_fsdp
 from autoep.parallel.groups import Meshes, build_meshes, local_device
 from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
 from autoep.parallel.tensor_parallel import TPPlan, apply_tensor_parallel, validate_tensor_parallel
-from autoep.parallel.wrapping import mark_distributed
+from autoep.parallel.wrapping import check_accelerate_state, mark_distributed
 
 
 @dataclass
@@ -36,6 +36,7 @@ class ParallelState:
 def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> ParallelDims:
     """Every check `parallelize` makes before its first collective (rank-local, identical everywhere)."""
     dims = config.parallel_dims(world_size)
+    check_accelerate_state(config.mixed_precision.param_dtype)
     validate_conversion(model, config.ep_size, world_size, balance=config.load_balancing, folded=config.tp_size > 1)
     validate_tensor_parallel(model, config.tp_size)
     if config.cpu_offload and dist.is_initialized() and dist.get_backend() != "nccl":

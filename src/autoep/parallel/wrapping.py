@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Iterator
 
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+
+from autoep.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -36,3 +39,32 @@ def mark_distributed(model: nn.Module) -> None:
     """Tell wrapping trainers that ``model`` is distributed already and how to skip a gradient sync."""
     model._is_accelerate_prepared = True  # accelerate's own marker: prepare() returns the model as is
     model.no_sync = functools.partial(no_sync, model)
+
+
+def check_accelerate_state(param_dtype: str) -> None:
+    """Refuse accelerate settings an autoep model would silently skip (its ``prepare`` leaves the model alone).
+
+    Reads the process's ``AcceleratorState`` if an ``Accelerator`` exists already (same on every rank,
+    no collective); does nothing when accelerate is not in use.
+    """
+    if "accelerate" not in sys.modules:
+        return
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if not AcceleratorState._shared_state:  # no Accelerator built yet: nothing to reconcile
+        return
+    state = AcceleratorState()
+    if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError(
+            f"the Accelerator is set up for {state.distributed_type.value}: autoep shards the model itself; "
+            "use a plain Accelerator and AutoEPConfig(zero_stage=..., ep_size=..., tp_size=...)"
+        )
+    precision = str(state.mixed_precision)
+    if precision == "fp16":
+        raise ConfigError("Accelerator(mixed_precision='fp16') is not supported; use AutoEPConfig bf16 instead")
+    if precision == "bf16" and param_dtype != "bfloat16":
+        raise ConfigError(
+            "Accelerator(mixed_precision='bf16') does not reach an autoep model (accelerate leaves it unwrapped): "
+            "set AutoEPConfig(mixed_precision={'param_dtype': 'bfloat16'}) instead"
+        )
