@@ -99,14 +99,14 @@ def _record_routing(block: torch.nn.Module) -> list:
 
     site = moe_sites(block)[0][1] if moe_sites(block) else block
     seen: list = []
-    dispatch = site.dispatcher.dispatch
+    dispatch = site.dispatcher.start_dispatch  # every schedule goes through it
 
     def recording(x_TD, weights_TK, indices_TK):
         seen.append((indices_TK.detach().clone(), site.num_experts, x_TD.shape[-1] * x_TD.element_size()))
         seen.append(indices_TK.shape[1])
         return dispatch(x_TD, weights_TK, indices_TK)
 
-    site.dispatcher.dispatch = recording
+    site.dispatcher.start_dispatch = recording
     return seen
 
 
@@ -123,6 +123,7 @@ def _lower_bound(seen: list, ep: int) -> tuple[int, int]:
 
 def _measure(model_name: str, ep: int, tokens: int, seed: int) -> dict:
     import autoep
+    from autoep.moe.sites import moe_sites
     from autoep.optim import build_optimizer
     from autoep.report.costs import CollectiveCounter
     from autoep.train import train_step
@@ -138,6 +139,10 @@ def _measure(model_name: str, ep: int, tokens: int, seed: int) -> dict:
     seen = _record_routing(block)
     ours = _layer_costs(block, x_BSD)
     ours["bound"], ours["meta"] = _lower_bound(seen, ep)
+    site = moe_sites(converted)[0][1]
+    site.recompute_activation = True  # AutoEPConfig(recompute_expert_activation=True)
+    ours["saved_recompute"] = _layer_costs(block, x_BSD)["saved"]
+    site.recompute_activation = False
     theirs = _layer_costs(_hf_block(reference, path), x_BSD)
     # Collectives of one whole training step (dense + expert meshes).
     model = copy.deepcopy(reference)
@@ -148,7 +153,7 @@ def _measure(model_name: str, ep: int, tokens: int, seed: int) -> dict:
     optimizer = build_optimizer(model, config)
     with CollectiveCounter() as step_comm:
         train_step(model, optimizer, [ids])
-    keys = ("a2a_fwd", "a2a_bwd", "bound", "meta", "saved")
+    keys = ("a2a_fwd", "a2a_bwd", "bound", "meta", "saved", "saved_recompute")
     totals = torch.tensor([ours[k] for k in keys] + [theirs["saved"]], dtype=torch.float64)
     dist.all_reduce(totals)  # per-token figures over the whole EP group
     ours.update({f"{k}_all": v for k, v in zip(keys, totals[:-1].tolist(), strict=True)})
@@ -166,7 +171,8 @@ def _row(model_name: str, ep: int, r: dict) -> str:
         f"| {model_name} | {ep} | {ours['syncs_fwd']} | {ours['syncs_bwd']} | {ours['a2a_fwd_all'] / tokens:.0f} | "
         f"{ours['a2a_bwd_all'] / tokens:.0f} | {ours['meta_all'] / tokens:.0f} | "
         f"{2 * ours['bound_all'] / tokens:.0f} | "
-        f"{rows_fwd:.2f} / {rows_bwd:.2f} | {ours['saved_all'] / tokens:.0f} | {hf['saved_all'] / tokens:.0f} | "
+        f"{rows_fwd:.2f} / {rows_bwd:.2f} | {ours['saved_all'] / tokens:.0f} | "
+        f"{ours['saved_recompute_all'] / tokens:.0f} | {hf['saved_all'] / tokens:.0f} | "
         f"{hf['syncs_fwd']} / {hf['syncs_bwd']} | {collectives} |"
     )
 
@@ -182,10 +188,11 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| model | ep | syncs fwd | syncs bwd | a2a B/token fwd | a2a B/token bwd | of which routing metadata | "
-        "lower bound for rows | rows / bound fwd / bwd | saved B/token | HF saved B/token | HF syncs fwd / bwd | "
+        "lower bound for rows | rows / bound fwd / bwd | saved B/token | saved, recomputing the activation | "
+        "HF saved B/token | HF syncs fwd / bwd | "
         "collectives per training step |"
     )
-    print("|" + " --- |" * 13)
+    print("|" + " --- |" * 14)
     for name in args.models:
         for ep in args.ep:
             result = run_local(_measure, ep, name, ep, args.tokens, args.seed)[0]

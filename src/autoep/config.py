@@ -129,6 +129,7 @@ class AutoEPConfig(BaseModel):
     mixed_precision: MixedPrecisionConfig = Field(default_factory=MixedPrecisionConfig)
     cpu_offload: bool = False
     activation_checkpointing: bool = False
+    recompute_expert_activation: bool = False  # keep only the experts' gate/up output for backward
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_clipping: float | None = Field(None, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

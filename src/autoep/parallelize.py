@@ -10,6 +10,7 @@ from torch import nn
 from autoep.config import AutoEPConfig, ParallelDims
 from autoep.convert import ConversionReport, convert, validate_conversion
 from autoep.errors import ConfigError
+from autoep.moe.sites import moe_sites
 from autoep.parallel.fsdp import apply_fsdp
 from autoep.parallel.groups import Meshes, build_meshes, local_device
 from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
@@ -97,6 +98,9 @@ def shard(model: nn.Module, config: AutoEPConfig) -> ParallelState:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{type(model).__name__} does not support activation checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.recompute_expert_activation:
+        for _, site in moe_sites(model):
+            site.recompute_activation = True
     apply_fsdp(model, config, dims, meshes)
     model.autoep = ParallelState(config, dims, meshes, report, tp_plan)
     return model.autoep

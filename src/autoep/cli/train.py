@@ -52,6 +52,8 @@ def build_config(args: argparse.Namespace):
         overrides["mixed_precision"] = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = True
+    if args.recompute_expert_activation:
+        overrides["recompute_expert_activation"] = True
     balance = dict(base["load_balancing"])
     for key in BALANCE_FLAGS:
         if getattr(args, key, None) is not None:

@@ -81,6 +81,11 @@ def add_flags(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--clip", type=float, help="global gradient-norm clipping; 0 disables (default: 1.0)")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters in forward/backward, fp32 reductions")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument(
+        "--recompute-expert-activation",
+        action="store_true",
+        help="keep only the experts' gate/up output for backward; recompute activation and down projection",
+    )
     g.add_argument("--seed", type=int, help="seed for weights of built-in models and data order (default: 0)")
     g.add_argument(
         "--gpu-memory",

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from autoep.moe import balance as bal
 from autoep.moe.capacity import apply_capacity
 from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
-from autoep.moe.experts import GemmBackend, grouped_matmul, grouped_mm_supported, local_tensor
+from autoep.moe.experts import GemmBackend, act_and_down, grouped_matmul, grouped_mm_supported, local_tensor
 from autoep.moe.grouping import combine_rows, group_by_expert
 from autoep.moe.load_stats import LayerLoadStats
 from autoep.moe.spec import ExpertsSpec
@@ -55,6 +55,7 @@ class ExpertsSite:
         self.spec = spec
         self.balance = balance or bal.BalanceConfig()
         self.backend: GemmBackend = backend
+        self.recompute_activation = False  # see autoep.moe.experts.act_and_down
         self.stats_group = stats_group
         self.fold_group = fold_group if fold_group is not None and dist.get_world_size(fold_group) > 1 else None
         ep_size = 1 if ep_mesh is None else ep_mesh.size()
@@ -179,8 +180,8 @@ class ExpertsSite:
         h_AF = grouped_matmul(x_AD, w_in, a.counts_E, counts_list)
         if layout.has_bias:
             h_AF = h_AF + local_tensor(getattr(experts, f"{layout.in_proj}_bias"))[a.expert_A]
-        h_AF = experts._apply_gate(h_AF) if layout.has_gate else experts.act_fn(h_AF)
-        y_AD = grouped_matmul(h_AF, w_out, a.counts_E, counts_list)
+        activate = experts._apply_gate if layout.has_gate else experts.act_fn
+        y_AD = act_and_down(activate, h_AF, w_out, a.counts_E, counts_list, self.recompute_activation)
         if layout.has_bias:
             y_AD = y_AD + local_tensor(experts.down_proj_bias)[a.expert_A]
         return combine_rows(y_AD, weights_NK, a, x_ND.shape[0]).to(x_ND.dtype)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -130,6 +131,29 @@ def grouped_matmul(
     return torch.cat([chunk @ w_EKN[e] for e, chunk in enumerate(chunks)], dim=0)
 
 
+def act_and_down(
+    activate: Callable[[torch.Tensor], torch.Tensor],
+    h_AF2: torch.Tensor,
+    w_EFD: torch.Tensor,
+    counts_E: torch.Tensor,
+    counts_list: list[int] | None,
+    recompute: bool,
+) -> torch.Tensor:
+    """``grouped_matmul(activate(h), w)``; with ``recompute``, backward recomputes both from ``h``.
+
+    Without it, backward keeps the activation's inputs and the ``[A, F]``
+    activation (the down projection's input); with it, only ``h``, at the cost
+    of the activation and the down projection's forward GEMM once more.
+    """
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        return grouped_matmul(activate(h), w_EFD, counts_E, counts_list)
+
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, h_AF2, use_reentrant=False)
+    return run(h_AF2)
+
+
 class GroupedExperts(nn.Module):
     """The local experts of one MoE layer, stored as stacked tensors (or DBRX's flattened ones)."""
 
@@ -149,6 +173,7 @@ class GroupedExperts(nn.Module):
         self.intermediate_size = F
         self.layout = layout
         self.backend: GemmBackend = backend
+        self.recompute_activation = False  # see act_and_down
         self.act_fn = act_fn if act_fn is not None else nn.SiLU()
         if layout.kind == "dbrx":
             self.mlp = nn.Module()  # DBRX's own child name: keeps the keys experts.mlp.{w1,v1,w2}
@@ -207,8 +232,7 @@ class GroupedExperts(nn.Module):
                 experts = torch.arange(self.num_experts, device=x_AD.device)
                 expert_A = torch.repeat_interleave(experts, counts_E, output_size=x_AD.shape[0])
             h_AF2 = h_AF2 + local_tensor(self.gate_up_proj_bias)[expert_A]
-        h_AF = self._activate(h_AF2)
-        y_AD = grouped_matmul(h_AF, w2_EFD, counts_E, counts_list)
+        y_AD = act_and_down(self._activate, h_AF2, w2_EFD, counts_E, counts_list, self.recompute_activation)
         if self.layout.has_bias:
             y_AD = y_AD + local_tensor(self.down_proj_bias)[expert_A]
         return y_AD

@@ -160,6 +160,15 @@ class MoELayer(nn.Module):
             zero_TD = (x_TD * weight_T1).to(x_TD.dtype)  # product in the weights' fp32, as the HF experts do
         return torch.where(zero_TK, E, indices_TK), torch.where(zero_TK, 0.0, weights_TK), zero_TD
 
+    @property
+    def recompute_activation(self) -> bool:
+        """Recompute the experts' activation (and down projection) in backward instead of keeping it."""
+        return self.experts.recompute_activation
+
+    @recompute_activation.setter
+    def recompute_activation(self, value: bool) -> None:
+        self.experts.recompute_activation = value
+
     def set_overlap(self, overlap: bool) -> None:
         """Compute the shared experts and the balancing bookkeeping while the token exchange is in flight
         (the default), or after the routed experts (``False``: the sequential order, for comparison)."""

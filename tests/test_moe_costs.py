@@ -1,0 +1,113 @@
+"""What a MoE layer costs besides FLOPs, counted exactly (autoep.report.costs), on both conversion paths.
+
+* ep 2 on two gloo ranks (one spawn): one host sync in forward (the split-size
+  exchange), none in backward; all-to-all rows equal the lower bound (each
+  token sent once per distinct destination rank, in dispatch and in combine).
+* One process: recomputing the experts' activation in backward gives the same
+  outputs and gradients bit for bit and keeps fewer bytes for backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import autoep
+from autoep.launch import run_local
+from autoep.models import zoo
+from autoep.models.tiny import build_tiny_model
+from autoep.moe.sites import moe_sites
+from autoep.report.costs import CollectiveCounter, HostSyncCounter, SavedBytes
+
+MODELS = {"block path": "tiny-mixtral", "experts path": "zoo:minimax"}
+
+
+def _build(name: str) -> torch.nn.Module:
+    return zoo.build_tiny(name.removeprefix("zoo:"), seed=1) if name.startswith("zoo:") else build_tiny_model(name)
+
+
+def _block(model: torch.nn.Module):
+    path, site = moe_sites(model)[0]
+    return model.get_submodule(path), site
+
+
+def _ep2_costs() -> dict:
+    torch.set_num_threads(1)
+    results = {}
+    for label, name in MODELS.items():
+        model = _build(name)
+        autoep.convert(model, ep_size=2)
+        block, site = _block(model)
+        seen = []
+        dispatch = site.dispatcher.start_dispatch
+
+        def recording(x_TD, weights_TK, indices_TK, dispatch=dispatch, seen=seen):
+            seen.append((indices_TK.clone(), x_TD.shape[-1] * x_TD.element_size(), indices_TK.shape[1]))
+            return dispatch(x_TD, weights_TK, indices_TK)
+
+        site.dispatcher.start_dispatch = recording
+        hidden = model.config.get_text_config().hidden_size
+        x = torch.randn(1, 64, hidden, generator=torch.Generator().manual_seed(dist.get_rank())).requires_grad_(True)
+        with HostSyncCounter() as fwd_syncs, CollectiveCounter() as fwd_comm:
+            out = block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        with HostSyncCounter() as bwd_syncs, CollectiveCounter() as bwd_comm:
+            out.sum().backward()
+        indices_TK, row_bytes, top_k = seen[0]
+        per_rank = site.num_experts // 2
+        ranks_TK = torch.div(indices_TK, per_rank, rounding_mode="floor")
+        rows = int(torch.zeros(len(ranks_TK), 3, dtype=torch.bool).scatter_(1, ranks_TK, True)[:, :2].sum())
+        results[label] = {
+            "syncs": (fwd_syncs.total, bwd_syncs.total, dict(fwd_syncs.counts)),
+            # dispatch + combine rows, plus 2k fp32 of routing metadata per dispatched row
+            "a2a": (fwd_comm.all_to_all_bytes, bwd_comm.all_to_all_bytes, 2 * rows * row_bytes + rows * 2 * top_k * 4),
+        }
+    return results
+
+
+@pytest.fixture(scope="module")
+def ep2() -> dict:
+    return run_local(_ep2_costs, 2)
+
+
+@pytest.mark.parametrize("path", list(MODELS))
+def test_one_host_sync_in_forward_none_in_backward(ep2, path):
+    for rank in ep2.values():
+        forward, backward, kinds = rank[path]["syncs"]
+        assert (forward, backward) == (1, 0), kinds
+
+
+@pytest.mark.parametrize("path", list(MODELS))
+def test_all_to_all_sends_each_token_once_per_destination_rank(ep2, path):
+    # Summed over the EP group (a rank sends back in combine what it received in dispatch).
+    forward, backward, bound = (sum(rank[path]["a2a"][i] for rank in ep2.values()) for i in range(3))
+    counts_exchange = len(ep2) * 2 * 2 * 8  # per rank: rows and assignments for each of 2 peers, int64
+    assert forward == bound + counts_exchange
+    assert backward == bound
+
+
+@pytest.mark.parametrize("name", list(MODELS.values()))
+def test_recomputing_the_expert_activation_is_exact_and_keeps_less(name):
+    torch.manual_seed(0)
+    model = _build(name)
+    autoep.convert(model, ep_size=1)
+    block, site = _block(model)
+    hidden = model.config.get_text_config().hidden_size
+    x = torch.randn(1, 128, hidden)
+    runs = {}
+    for recompute in (False, True):
+        site.recompute_activation = recompute
+        xx = x.clone().requires_grad_(True)
+        with SavedBytes(block) as saved:
+            out = block(xx)
+        out = out[0] if isinstance(out, tuple) else out
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+        block.zero_grad(set_to_none=True)
+        runs[recompute] = (out.detach(), xx.grad, grads, saved.bytes)
+    (out0, gx0, g0, kept0), (out1, gx1, g1, kept1) = runs[False], runs[True]
+    assert torch.equal(out0, out1) and torch.equal(gx0, gx1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assignments = 128 * site.top_k if hasattr(site, "top_k") else None
+    assert kept1 < kept0 * 0.8, (kept0, kept1, assignments)
