@@ -12,6 +12,7 @@ rank raises the same error before any rank waits on another.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -49,7 +50,7 @@ def check_training_args(args: Any, config: AutoEPConfig, model: Any = None) -> N
         )
     if isinstance(model, nn.Module) and getattr(model, "hf_device_map", None):
         raise ConfigError("the model was loaded with a device_map: load it without one (autoep places every shard)")
-    if model is not None and not isinstance(model, (str, nn.Module)):
+    if model is not None and not isinstance(model, (str, os.PathLike, nn.Module)):
         raise ConfigError(f"model must be a path or an nn.Module, got {type(model).__name__}")
     fields = config.model_fields_set
     pairs = [

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from autoep.load_balance import step_load_balancing
+from autoep.train.metrics import load_scalars
 
 
 class LoadBalancingCallback(TrainerCallback):
@@ -25,10 +26,8 @@ class LoadBalancingCallback(TrainerCallback):
         stats = step_load_balancing(self.model, self.model.autoep.meshes.stats_group)
         if stats is None:
             return
-        values = {"expert_imbalance": stats.imbalance, **stats.mean_losses()}
-        if self.model.autoep.config.load_balancing.capacity_factor is not None:
-            values["dropped_fraction"] = stats.dropped_fraction
-        for name, value in values.items():
+        capacity = self.model.autoep.config.load_balancing.capacity_factor is not None
+        for name, value in load_scalars(stats, capacity).items():
             self._sums[name] = self._sums.get(name, 0.0) + float(value)
         self._steps += 1
 

@@ -28,7 +28,7 @@ a real run with that routing would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,7 @@ class Pending:
 
     rows: torch.Tensor
     state: DispatchState
-    meta: torch.Tensor | None = None
+    meta: Any = None  # the routing metadata in flight (locally: the weights and ids themselves)
     top_k: int = 0
 
 

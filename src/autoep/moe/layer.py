@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autoep.moe import balance as bal
 from autoep.moe.capacity import apply_capacity
-from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
+from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher, Pending
 from autoep.moe.experts import GemmBackend, GroupedExperts
 from autoep.moe.grouping import combine_rows, group_by_expert, sum_rows
 from autoep.moe.load_stats import LayerLoadStats
@@ -180,16 +180,19 @@ class MoELayer(nn.Module):
         if self.training:
             self._balance(routed, shape, dropped_E)
         shared_TD = self._shared_experts(x_TD)
-        x_ND, local_NK, weights_NK, state = self.dispatcher.finish_dispatch(pending)
-        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
-        return self._unlane(self.dispatcher.combine(y_ND, state), x_TD), shared_TD
+        return self._finish_routed(pending, x_TD), shared_TD
 
     def _sequential(self, x_TD, weights_TK, indices_TK, routed, shape, dropped_E):
         if self.training:
             self._balance(routed, shape, dropped_E)
-        x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(*self._lane(x_TD, weights_TK, indices_TK))
+        pending = self.dispatcher.start_dispatch(*self._lane(x_TD, weights_TK, indices_TK))
+        return self._finish_routed(pending, x_TD), self._shared_experts(x_TD)
+
+    def _finish_routed(self, pending: Pending, x_TD: torch.Tensor) -> torch.Tensor:
+        """Wait for the token exchange, run the local experts, combine (and gather the tp lanes back)."""
+        x_ND, local_NK, weights_NK, state = self.dispatcher.finish_dispatch(pending)
         y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
-        return self._unlane(self.dispatcher.combine(y_ND, state), x_TD), self._shared_experts(x_TD)
+        return self._unlane(self.dispatcher.combine(y_ND, state), x_TD)
 
     def _lane(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Folded over tp: this lane's share of the rows (dispatch and experts run on it only)."""

@@ -13,20 +13,23 @@ from torch import nn
 from autoep.load_balance import StepLoadStats, expert_bias, moe_layers
 
 
+def load_scalars(stats: StepLoadStats, capacity: bool) -> dict[str, float]:
+    """The step's scalar load metrics: worst-layer imbalance, mean balancing losses, dropped fraction."""
+    scalars = {"expert_imbalance": stats.imbalance, **stats.mean_losses()}
+    if capacity:
+        scalars["dropped_fraction"] = stats.dropped_fraction
+    return scalars
+
+
 def load_record(stats: StepLoadStats | None, model: nn.Module, capacity: bool) -> dict[str, Any]:
     """The expert-load part of a step's metrics record (see docs/load-balancing.md for the fields)."""
     if stats is None:
         return {}
-    record: dict[str, Any] = {
-        "expert_imbalance": stats.imbalance,
-        "expert_load": stats.routed_LE.long().tolist(),
-        **stats.mean_losses(),
-    }
+    record: dict[str, Any] = {**load_scalars(stats, capacity), "expert_load": stats.routed_LE.long().tolist()}
     layers = {"imbalance": stats.imbalance_L.tolist()}
     layers.update({name: values.tolist() for name, values in stats.losses.items()})
     if capacity:
         record["expert_dropped"] = stats.dropped_LE.long().tolist()
-        record["dropped_fraction"] = stats.dropped_fraction
         layers["dropped_fraction"] = stats.dropped_fraction_L.tolist()
     bias = expert_bias(model) if any(layer.balance.updates_bias for _, layer in moe_layers(model)) else None
     if bias is not None:

@@ -82,10 +82,9 @@ def global_label_tokens(model: nn.Module, local: int) -> tuple[int, int]:
         return local, 1
     state = getattr(model, "autoep", None)
     group = state.meshes.stats_group if state is not None else None
-    dp = state.dims.dp if state is not None else dist.get_world_size()
     count = torch.tensor([float(local)], dtype=torch.float64, device=local_device())
     dist.all_reduce(count, group=group)
-    return int(count.item()), dp
+    return int(count.item()), _dp_size(model)
 
 
 def train_step(
