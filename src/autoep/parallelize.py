@@ -11,9 +11,10 @@ from autoep.config import AutoEPConfig, ParallelDims
 from autoep.convert import ConversionReport, convert, validate_conversion
 from autoep.errors import ConfigError
 from autoep.moe.sites import moe_sites
-from autoep.parallel.fsdp import apply_fsdp
+from autoep.parallel.data_parallel import apply_data_parallel, uses_bucketed_replicas
 from autoep.parallel.groups import Meshes, build_meshes, local_device
 from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
+from autoep.parallel.replicate import ReplicatedGradients
 from autoep.parallel.tensor_parallel import TPPlan, apply_tensor_parallel, validate_tensor_parallel
 from autoep.parallel.wrapping import check_accelerate_state, mark_distributed
 
@@ -27,6 +28,7 @@ class ParallelState:
     meshes: Meshes
     report: ConversionReport
     tp_plan: TPPlan
+    replicated: ReplicatedGradients | None = None  # ZeRO 0's bucketed all-reduce, when it replaces FSDP
 
     @property
     def dp_rank(self) -> int:
@@ -47,7 +49,7 @@ def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> Paralle
 
 def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = True) -> nn.Module:
     """Convert ``model``'s MoE blocks to expert parallelism, shard the dense path over
-    ``tp`` and apply ZeRO (FSDP2), in place.
+    ``tp`` and apply ZeRO (FSDP2; ZeRO 0 in fp32: bucketed all-reduce), in place.
 
     Needs an initialised default process group (``torchrun`` or `autoep train`).
     Builds the dense (``dp`` x ``tp``) and expert (``edp`` x ``ep``) meshes,
@@ -55,7 +57,7 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     tensor-parallel plan (:mod:`autoep.parallel.tensor_parallel`), optionally
     enables activation checkpointing, and shards with the stage mapping of
     docs/training.md and expert gradients divided by ``dp``. Returns the same
-    model object, now an FSDP module, with ``model.autoep`` describing the
+    model object (an FSDP module unless ZeRO 0 is bucketed), with ``model.autoep`` describing the
     layout; accelerate's ``prepare`` leaves it as it is and its ``no_sync()``
     defers the gradient reduction (:mod:`autoep.parallel.wrapping`).
 
@@ -82,7 +84,8 @@ def shard(model: nn.Module, config: AutoEPConfig) -> ParallelState:
     `autoep.plan` simulates exactly this on a fake world.
     """
     dims = validate(model, config, dist.get_world_size())
-    meshes = build_meshes(dims, config.zero_stage)
+    bucketed = uses_bucketed_replicas(config, model)
+    meshes = build_meshes(dims, fsdp_replicate=config.zero_stage == 0 and not bucketed)
     # Tensor-parallel peers see the same tokens: their MoE layers fold, and routing statistics
     # reduce over one lane of every data shard (the world while tp = 1).
     report = convert(
@@ -101,6 +104,6 @@ def shard(model: nn.Module, config: AutoEPConfig) -> ParallelState:
     if config.recompute_expert_activation:
         for _, site in moe_sites(model):
             site.recompute_activation = True
-    apply_fsdp(model, config, dims, meshes)
-    model.autoep = ParallelState(config, dims, meshes, report, tp_plan)
+    replicated = apply_data_parallel(model, config, dims, meshes, bucketed=bucketed)
+    model.autoep = ParallelState(config, dims, meshes, report, tp_plan, replicated)
     return model.autoep

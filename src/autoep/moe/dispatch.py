@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from autoep.moe.grouping import sum_rows
+from autoep.moe.row_message import RowLayout
 from autoep.parallel.all_to_all import all_to_all_rows, exchange_counts, wait_rows
 
 
@@ -77,7 +78,7 @@ class Pending:
 
     rows: torch.Tensor
     state: DispatchState
-    meta: Any = None  # the routing metadata in flight (locally: the weights and ids themselves)
+    meta: Any = None  # how to read ``rows`` (all-to-all: a RowLayout; locally: the weights and ids themselves)
     top_k: int = 0
 
 
@@ -166,18 +167,18 @@ class AllToAllDispatcher(Dispatcher):
                 x_TD, weights_TK, indices_TK
             )
         self.last_counts = (send_counts, recv_counts)
-        # Ids ride with the weights in one fp32 message (exact for ids < 2**24).
-        meta_NK2 = torch.cat([weights_NK.float(), local_NK.float()], dim=1)
-        x_recv = all_to_all_rows(x_TD[token_N], recv_counts, send_counts, self.group, wait=False)
-        meta_recv = all_to_all_rows(meta_NK2, recv_counts, send_counts, self.group, wait=False)
+        # One message per row: the token with its weights and local ids (autoep.moe.row_message).
+        layout = RowLayout(x_TD.shape[1], K, x_TD.dtype)
+        layout.check_ids(E_local)
+        rows_NC = layout.pack(x_TD, token_N, weights_NK, local_NK)
+        recv_NC = all_to_all_rows(rows_NC, recv_counts, send_counts, self.group, wait=False)
         state = DispatchState(T, token_N, send_counts, recv_counts, expert_rows, num_assignments)
-        return Pending(x_recv, state, meta=meta_recv, top_k=K)
+        return Pending(recv_NC, state, meta=layout, top_k=K)
 
     def finish_dispatch(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
         """Wait for the token exchange: rows, their local expert ids and weights, and the state to combine."""
-        K, meta_recv = pending.top_k, wait_rows(pending.meta)
-        weights_recv, local_recv = meta_recv[:, :K], meta_recv[:, K:].detach().long()
-        return wait_rows(pending.rows), local_recv, weights_recv, pending.state
+        x_recv, weights_recv, local_recv = pending.meta.unpack(wait_rows(pending.rows))
+        return x_recv, local_recv, weights_recv, pending.state
 
     def _route(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor

@@ -45,8 +45,9 @@ class Meshes:
     tp: the tensor-parallel peers (``None`` at tp=1); they are consecutive
     ranks, like EP groups, and share one data shard. data: the 1-D ``dp`` mesh
     of ranks holding different data (this rank's lane of every data shard).
-    For ZeRO-0 the FSDP meshes are 2-D ``(replicate, shard=1)``: nothing is
-    sharded and gradients are all-reduced.
+    For ZeRO 0 under FSDP the FSDP meshes are 2-D ``(replicate, shard=1)``:
+    nothing is sharded and gradients are all-reduced. The bucketed ZeRO 0
+    (:mod:`autoep.parallel.replicate`) all-reduces over the 1-D meshes' groups.
     """
 
     dense_fsdp: DeviceMesh
@@ -68,10 +69,10 @@ class Meshes:
         return self.data.get_group() if self.tp is not None else None
 
 
-def build_meshes(dims: ParallelDims, zero_stage: int) -> Meshes:
-    """Create the meshes (a collective call on every rank)."""
+def build_meshes(dims: ParallelDims, fsdp_replicate: bool) -> Meshes:
+    """Create the meshes (a collective call on every rank); ``fsdp_replicate``: ZeRO 0 under FSDP."""
     device = mesh_device_type()
-    replicate = zero_stage == 0
+    replicate = fsdp_replicate
     lanes = (dims.tp,) if dims.tp > 1 else ()
     lane_names = ("tp",) if dims.tp > 1 else ()
     if replicate:

@@ -17,22 +17,19 @@ import sys
 from collections.abc import Iterator
 
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from autoep.errors import ConfigError
+from autoep.parallel.data_parallel import set_gradient_sync
 
 
 @contextlib.contextmanager
 def no_sync(model: nn.Module) -> Iterator[None]:
-    """Accumulate gradients locally: FSDP reduces nothing until the context exits."""
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    model.set_requires_gradient_sync(False)
+    """Accumulate gradients locally: nothing is reduced until the context exits."""
+    set_gradient_sync(model, False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        set_gradient_sync(model, True)
 
 
 def mark_distributed(model: nn.Module) -> None:

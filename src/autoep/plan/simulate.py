@@ -26,6 +26,7 @@ from autoep.moe.dispatch import PlannedCounts, RoutingPlanner
 from autoep.moe.sites import moe_sites
 from autoep.optim import build_optimizer
 from autoep.parallel.clip import clip_grad_norm_
+from autoep.parallel.data_parallel import set_gradient_sync
 from autoep.parallel.materialize import materialize
 from autoep.parallelize import shard
 from autoep.plan.comm import CommCounter, CommCounts
@@ -60,8 +61,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     """What `autoep.train.step.train_step` does to memory and the network, with no host reads of values."""
     count = len(micro_batches)
     for index, input_ids in enumerate(micro_batches):
-        if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(index == count - 1)
+        set_gradient_sync(model, index == count - 1)
         output = model(input_ids=input_ids, labels=input_ids)
         (output.loss / count).backward()
     clip_grad_norm_(model, 1.0)

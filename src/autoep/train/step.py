@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from autoep.load_balance import StepLoadStats, collect_load_stats, step_load_balancing
 from autoep.parallel.clip import clip_grad_norm_, global_grad_norm
+from autoep.parallel.data_parallel import set_gradient_sync
 from autoep.parallel.groups import local_device
 from autoep.train.heartbeat import mark
 from autoep.train.nonfinite import is_finite, nonfinite_modules
@@ -44,11 +44,6 @@ class StepResult:
     load: StepLoadStats | None = None  # routing of this step, summed over micro-batches and ranks
     skipped: bool = False  # non-finite loss or gradient norm: no update was applied
     nonfinite: list[str] = field(default_factory=list)  # modules with non-finite gradients (skipped steps)
-
-
-def _set_sync(model: nn.Module, sync: bool) -> None:
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(sync)
 
 
 def _fields(micro: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -117,7 +112,7 @@ def train_step(
         total = sum(counts) * dp
     per_micro = max(total, 1) / (dp * count)  # what each micro-batch's summed token loss is divided by
     for index, (input_ids, labels, position_ids) in enumerate(fields):
-        _set_sync(model, index == count - 1)
+        set_gradient_sync(model, index == count - 1)
         mark(f"forward of micro-batch {index + 1}/{count}")
         kwargs: dict[str, Any] = {}
         if position_ids is not None:  # packed rows; a cache would switch transformers' packed masks off
@@ -130,7 +125,7 @@ def train_step(
         totals[0] += output.loss.detach().float().cpu()
         if output.get("balance_loss") is not None:
             totals[1] += output["balance_loss"].float().cpu()
-    _set_sync(model, True)
+    set_gradient_sync(model, True)
     mark("global gradient norm")
     norm = global_grad_norm(model.parameters())
     means = totals / count
