@@ -76,15 +76,18 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     return model
 
 
-def shard(model: nn.Module, config: AutoEPConfig) -> ParallelState:
+def shard(model: nn.Module, config: AutoEPConfig, *, fsdp_only: bool = False) -> ParallelState:
     """`parallelize` up to materialisation: the model's tensors stay where they are (meta for a plan).
 
     Validate, build the meshes, convert (folding over tp), apply tensor
-    parallelism, activation checkpointing and FSDP; sets ``model.autoep``.
-    `autoep.plan` simulates exactly this on a fake world.
+    parallelism, activation checkpointing and the data-parallel backend
+    (:mod:`autoep.parallel.data_parallel`); sets ``model.autoep``. `autoep.plan`
+    simulates exactly this on a fake world, with ``fsdp_only``: its memory
+    tracker follows FSDP units, so an fp32 ZeRO 0 plan is FSDP's replicate mesh,
+    which holds the same parameters, gradients and optimizer state.
     """
     dims = validate(model, config, dist.get_world_size())
-    bucketed = uses_bucketed_replicas(config, model)
+    bucketed = not fsdp_only and uses_bucketed_replicas(config, model)
     meshes = build_meshes(dims, fsdp_replicate=config.zero_stage == 0 and not bucketed)
     # Tensor-parallel peers see the same tokens: their MoE layers fold, and routing statistics
     # reduce over one lane of every data shard (the world while tp = 1).

@@ -165,7 +165,8 @@ class ReplicatedGradients:
     def _start(bucket: _Bucket) -> None:
         flags = torch.tensor(bucket.arrived, dtype=bucket.buffer.dtype)
         bucket.buffer[bucket.numel :].copy_(flags, non_blocking=True)
-        bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
+        if dist.get_world_size(bucket.group) > 1:  # e.g. experts at ep = world: nothing to reduce with
+            bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
 
     def _finish(self) -> None:
         """End of backward: start what is left (missing gradients are zeros), wait, divide, hand out grads."""
@@ -179,8 +180,9 @@ class ReplicatedGradients:
             group.next_to_start = 0
         for group in self._groups:
             for bucket in group.buckets:
-                bucket.work.wait()
-                bucket.work = None
+                if bucket.work is not None:
+                    bucket.work.wait()
+                    bucket.work = None
                 bucket.buffer[: bucket.numel].div_(self.divide_factor)
                 self._hand_out(bucket)
 

@@ -165,7 +165,7 @@ def simulate_step(
     config = layout.config()
     with fake_world(layout.gpus, rank) as mode:
         model = build()
-        shard(model, config)
+        shard(model, config, fsdp_only=True)
         for index, (_, site) in enumerate(moe_sites(model)):
             site.dispatcher.planner = planner_for(index)
         with mode:
