@@ -29,6 +29,8 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from autoep.moe.row_message import RowLayout
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 QWEN3_LAYER = "qwen3-moe-layer"  # Qwen3-MoE's routing shape (128 experts, top-8) at a CPU-sized width
@@ -103,7 +105,7 @@ def _record_routing(block: torch.nn.Module) -> list:
 
     def recording(x_TD, weights_TK, indices_TK):
         seen.append((indices_TK.detach().clone(), site.num_experts, x_TD.shape[-1] * x_TD.element_size()))
-        seen.append(indices_TK.shape[1])
+        seen.append(RowLayout(x_TD.shape[-1], indices_TK.shape[1], x_TD.dtype))
         return dispatch(x_TD, weights_TK, indices_TK)
 
     site.dispatcher.start_dispatch = recording
@@ -112,13 +114,15 @@ def _record_routing(block: torch.nn.Module) -> list:
 
 def _lower_bound(seen: list, ep: int) -> tuple[int, int]:
     """Bytes of token rows one exchange must send (one row per token and distinct real destination rank),
-    and the bytes of routing metadata autoep sends with them (k weights and k ids per row, fp32)."""
-    (indices_TK, num_experts, row_bytes), top_k = seen[0], seen[1]
+    and the bytes of routing metadata autoep packs into those rows (k fp32 weights and k ids per row,
+    autoep.moe.row_message)."""
+    (indices_TK, num_experts, row_bytes), layout = seen[0], seen[1]
     per_rank = num_experts // ep
     ranks_TK = torch.div(indices_TK, per_rank, rounding_mode="floor")  # dropped choices (id E) -> rank ep
     hit = torch.zeros(ranks_TK.shape[0], ep + 1, dtype=torch.bool).scatter_(1, ranks_TK, True)[:, :ep]
     rows = int(hit.sum())
-    return rows * row_bytes, rows * 2 * top_k * 4
+    meta_bytes = (layout.columns - layout.D) * torch.empty((), dtype=layout.dtype).element_size()
+    return rows * row_bytes, rows * meta_bytes
 
 
 def _measure(model_name: str, ep: int, tokens: int, seed: int) -> dict:

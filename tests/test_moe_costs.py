@@ -17,6 +17,7 @@ import autoep
 from autoep.launch import run_local
 from autoep.models import zoo
 from autoep.models.tiny import build_tiny_model
+from autoep.moe.row_message import RowLayout
 from autoep.moe.sites import moe_sites
 from autoep.report.costs import CollectiveCounter, HostSyncCounter, SavedBytes
 
@@ -43,7 +44,7 @@ def _ep2_costs() -> dict:
         dispatch = site.dispatcher.start_dispatch
 
         def recording(x_TD, weights_TK, indices_TK, dispatch=dispatch, seen=seen):
-            seen.append((indices_TK.clone(), x_TD.shape[-1] * x_TD.element_size(), indices_TK.shape[1]))
+            seen.append((indices_TK.clone(), x_TD.shape[-1], x_TD.dtype, indices_TK.shape[1]))
             return dispatch(x_TD, weights_TK, indices_TK)
 
         site.dispatcher.start_dispatch = recording
@@ -54,14 +55,19 @@ def _ep2_costs() -> dict:
         out = out[0] if isinstance(out, tuple) else out
         with HostSyncCounter() as bwd_syncs, CollectiveCounter() as bwd_comm:
             out.sum().backward()
-        indices_TK, row_bytes, top_k = seen[0]
+        indices_TK, hidden_size, dtype, top_k = seen[0]
+        layout, width = RowLayout(hidden_size, top_k, dtype), torch.empty((), dtype=dtype).element_size()
         per_rank = site.num_experts // 2
         ranks_TK = torch.div(indices_TK, per_rank, rounding_mode="floor")
         rows = int(torch.zeros(len(ranks_TK), 3, dtype=torch.bool).scatter_(1, ranks_TK, True)[:, :2].sum())
         results[label] = {
             "syncs": (fwd_syncs.total, bwd_syncs.total, dict(fwd_syncs.counts)),
-            # dispatch + combine rows, plus 2k fp32 of routing metadata per dispatched row
-            "a2a": (fwd_comm.all_to_all_bytes, bwd_comm.all_to_all_bytes, 2 * rows * row_bytes + rows * 2 * top_k * 4),
+            # dispatch + combine rows, plus the weights and ids packed into each dispatched row
+            "a2a": (
+                fwd_comm.all_to_all_bytes,
+                bwd_comm.all_to_all_bytes,
+                2 * rows * hidden_size * width + rows * (layout.columns - hidden_size) * width,
+            ),
         }
     return results
 
