@@ -2,7 +2,7 @@
 
 Runs ``../shared/peer-bench`` (its ``ds_autoep_bench.py`` in the DeepSpeed venv, its
 ``autoep_bench.py`` here): a Mixtral-style model (hidden 256, 8 experts, top-2, 4 layers),
-4 ranks x 4 x 128 tokens, AdamW, the same initial weights and tokens on both sides. For every
+``--nproc`` ranks (default 4) x 4 x 128 tokens, AdamW, the same initial weights and tokens on both sides. For every
 (ep, ZeRO) the two run back to back, in alternating order, ``--repeats`` times; each run reports
 its median step (max over ranks). The table gives the median over repeats and the median of the
 per-repeat ratios: only same-run ratios mean anything on a shared machine. The floor is the
@@ -30,16 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT.parent / "shared" / "peer-bench"
 
 
-def _torchrun(python: str, script: Path, args: list[str], out: Path, extra_env: dict[str, str]) -> dict:
+def _torchrun(python: str, script: Path, nproc: int, args: list[str], out: Path, extra_env: dict[str, str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
-    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", "4", str(script), *args, "--out", str(out)]
+    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), str(script), *args, "--out", str(out)]
     done = subprocess.run(cmd, cwd=PEER, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
-def floor_step(steps: int, warmup: int) -> float:
+def floor_step(steps: int, warmup: int, nproc: int) -> float:
     """Median step (ms) of the unconverted model on the global batch, one process, all cores."""
     import torch
 
@@ -52,7 +52,7 @@ def floor_step(steps: int, warmup: int) -> float:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=common.LR, betas=common.BETAS, eps=common.EPS, weight_decay=common.WEIGHT_DECAY
     )
-    batch = torch.cat([common.rank_batches(args, rank)[0] for rank in range(4)])
+    batch = torch.cat([common.rank_batches(args, rank)[0] for rank in range(nproc)])
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -70,11 +70,12 @@ def main() -> None:
     parser.add_argument("--zeros", default="0,1,2,3")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--nproc", type=int, default=4, help="ranks (the issue's comparison: 4 on 2 cores)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_only:
-        print(json.dumps({"floor_ms": floor_step(args.steps, 2)}))
+        print(json.dumps({"floor_ms": floor_step(args.steps, 2, args.nproc)}))
         return
     if not Path(args.ds_python).exists():
         sys.exit(f"no DeepSpeed venv python at {args.ds_python!r}: set DSV or --ds-python (see the docstring)")
@@ -91,7 +92,7 @@ def main() -> None:
                 results = {}
                 for name, python, script, env in sides if repeat % 2 == 0 else sides[::-1]:
                     out = Path(tmp) / f"{name}-{ep}-{zero}-{repeat}.json"
-                    results[name] = _torchrun(python, script, common, out, env)
+                    results[name] = _torchrun(python, script, args.nproc, common, out, env)
                     runs[(ep, zero)][name].append(results[name]["median_step_ms"])
                 pairs = zip(results["ds"]["losses"], results["autoep"]["losses"], strict=True)
                 diff = max(abs(a - b) for a, b in pairs)
@@ -100,7 +101,7 @@ def main() -> None:
                       f"autoep {runs[(ep, zero)]['autoep'][-1]:.1f} ms", flush=True)  # fmt: skip
     floor = json.loads(
         subprocess.run(
-            [sys.executable, __file__, "--floor-only", "--steps", str(args.steps)],
+            [sys.executable, __file__, "--floor-only", "--steps", str(args.steps), "--nproc", str(args.nproc)],
             env={**os.environ, "OMP_NUM_THREADS": "2"},
             capture_output=True,
             text=True,
@@ -109,7 +110,7 @@ def main() -> None:
     )["floor_ms"]
     lines = [
         f"# {' '.join(sys.argv)}",
-        "# median step ms over repeats (each run: median of its steps, max over 4 ranks); ratio: median of "
+        f"# median step ms over repeats (each run: median of its steps, max over {args.nproc} ranks); ratio: median of "
         "per-repeat autoep/DeepSpeed",
         f"# floor: unconverted model, global batch, one process, same 2 cores: {floor:.1f} ms",
         f"{'config':<12}{'DeepSpeed':>11}{'autoep':>9}{'ratio':>8}{'vs floor':>10}{'max |loss diff|':>17}",
