@@ -34,8 +34,10 @@ def _torchrun(python: str, script: Path, nproc: int, args: list[str], out: Path,
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), str(script), *args, "--out", str(out)]
     done = subprocess.run(cmd, cwd=PEER, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not out.exists():
+    if not out.exists():
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    if done.returncode != 0:  # results written, then a rank died at exit (gloo teardown, pytorch/pytorch#179291)
+        print(f"note: {script.name} exited {done.returncode} after writing its results", flush=True)
     return json.loads(out.read_text())
 
 
