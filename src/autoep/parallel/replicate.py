@@ -149,6 +149,11 @@ class ReplicatedGradients:
         group, bucket, index = self._where[param]
         view, grad = bucket.views[index], _local_grad(param)
         if bucket.arrived[index]:  # a second gradient in one backward (re-entrant recomputation)
+            if group.buckets.index(bucket) < group.next_to_start:
+                raise RuntimeError(
+                    "a gradient arrived after its bucket's all-reduce started (re-entrant activation "
+                    "checkpointing?); use gradient_checkpointing_kwargs={'use_reentrant': False}"
+                )
             view.add_(grad)
         elif grad.data_ptr() != view.data_ptr():  # else it accumulated in place into last step's view
             view.copy_(grad)
