@@ -121,7 +121,7 @@ def _lower_bound(seen: list, ep: int) -> tuple[int, int]:
     ranks_TK = torch.div(indices_TK, per_rank, rounding_mode="floor")  # dropped choices (id E) -> rank ep
     hit = torch.zeros(ranks_TK.shape[0], ep + 1, dtype=torch.bool).scatter_(1, ranks_TK, True)[:, :ep]
     rows = int(hit.sum())
-    meta_bytes = (layout.columns - layout.D) * torch.empty((), dtype=layout.dtype).element_size()
+    meta_bytes = (layout.columns - layout.D) * layout.dtype.itemsize
     return rows * row_bytes, rows * meta_bytes
 
 

@@ -86,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for ep, zero in configs:
-                common = ["--ep", str(ep), "--zero", str(zero), "--steps", str(args.steps)]
+                flags = ["--ep", str(ep), "--zero", str(zero), "--steps", str(args.steps)]
                 sides = [
                     ("ds", args.ds_python, PEER / "ds_autoep_bench.py", {"DS_ACCELERATOR": "cpu"}),
                     ("autoep", sys.executable, PEER / "autoep_bench.py", {}),
@@ -94,7 +94,7 @@ def main() -> None:
                 results = {}
                 for name, python, script, env in sides if repeat % 2 == 0 else sides[::-1]:
                     out = Path(tmp) / f"{name}-{ep}-{zero}-{repeat}.json"
-                    results[name] = _torchrun(python, script, args.nproc, common, out, env)
+                    results[name] = _torchrun(python, script, args.nproc, flags, out, env)
                     runs[(ep, zero)][name].append(results[name]["median_step_ms"])
                 pairs = zip(results["ds"]["losses"], results["autoep"]["losses"], strict=True)
                 diff = max(abs(a - b) for a, b in pairs)

@@ -56,7 +56,7 @@ def _ep2_costs() -> dict:
         with HostSyncCounter() as bwd_syncs, CollectiveCounter() as bwd_comm:
             out.sum().backward()
         indices_TK, hidden_size, dtype, top_k = seen[0]
-        layout, width = RowLayout(hidden_size, top_k, dtype), torch.empty((), dtype=dtype).element_size()
+        layout, width = RowLayout(hidden_size, top_k, dtype), dtype.itemsize
         per_rank = site.num_experts // 2
         ranks_TK = torch.div(indices_TK, per_rank, rounding_mode="floor")
         rows = int(torch.zeros(len(ranks_TK), 3, dtype=torch.bool).scatter_(1, ranks_TK, True)[:, :2].sum())

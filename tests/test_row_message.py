@@ -50,7 +50,7 @@ def test_metadata_bytes_per_row() -> None:
     # k fp32 weights + k ids of the activation's width: 8k bytes in fp32 rows, 6k in bf16 rows.
     for dtype, meta_bytes in ((torch.float32, 8 * 4), (torch.bfloat16, 6 * 4)):
         layout = RowLayout(16, 4, dtype)
-        width = torch.empty((), dtype=dtype).element_size()
+        width = dtype.itemsize
         assert (layout.columns - layout.D) * width == meta_bytes
 
 

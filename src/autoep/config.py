@@ -14,12 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoep.errors import ConfigError
 from autoep.moe.balance import BalanceConfig
 
 DType = Literal["float32", "bfloat16"]
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    """The torch dtype a configuration's dtype name stands for."""
+    return _TORCH_DTYPES[name]
 
 
 class AutoEPWarning(UserWarning):

@@ -34,7 +34,7 @@ class RowLayout:
 
     @property
     def _width(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def weight_cols(self) -> int:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from autoep.config import AutoEPConfig
+from autoep.config import AutoEPConfig, torch_dtype
 from autoep.errors import ConfigError
 from autoep.moe.sites import moe_sites
 from autoep.optim.muon import Muon, check_muon_placements
@@ -106,7 +106,7 @@ def _build_muon(model: nn.Module, params: dict[str, Any]) -> Muon:
     muon_names, adamw_names = muon_split(model, patterns)
     named = dict(model.named_parameters())
     if "ns_dtype" in params:
-        params["ns_dtype"] = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params["ns_dtype"]]
+        params["ns_dtype"] = torch_dtype(params["ns_dtype"])
     if "adamw_betas" in params:
         params["adamw_betas"] = tuple(params["adamw_betas"])
     params.setdefault("adamw_lr", params.get("lr", 0.02))

@@ -12,18 +12,15 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from autoep.config import AutoEPConfig, ParallelDims
+from autoep.config import AutoEPConfig, ParallelDims, torch_dtype
 from autoep.moe.sites import moe_sites
 from autoep.parallel.fsdp import apply_fsdp
 from autoep.parallel.groups import Meshes
 from autoep.parallel.replicate import ReplicatedGradients
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def uses_bucketed_replicas(config: AutoEPConfig, model: nn.Module) -> bool:
@@ -32,7 +29,7 @@ def uses_bucketed_replicas(config: AutoEPConfig, model: nn.Module) -> bool:
         return False
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     mp = config.mixed_precision
-    return dtypes <= {_DTYPES[mp.param_dtype]} and mp.reduce_dtype == mp.param_dtype
+    return dtypes <= {torch_dtype(mp.param_dtype)} and mp.reduce_dtype == mp.param_dtype
 
 
 def apply_data_parallel(

@@ -14,13 +14,12 @@ gradient divide factor ``dp``.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from autoep.config import AutoEPConfig, ParallelDims
+from autoep.config import AutoEPConfig, ParallelDims, torch_dtype
 from autoep.moe.sites import moe_sites
 from autoep.parallel.groups import Meshes
 
@@ -62,10 +61,9 @@ def _configure_reduction(module: FSDPModule, mesh: DeviceMesh, divide_factor: in
 
 def apply_fsdp(model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshes: Meshes) -> nn.Module:
     """Shard ``model`` (already converted) according to ``config.zero_stage``."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     mp = MixedPrecisionPolicy(
-        param_dtype=dtype[config.mixed_precision.param_dtype],
-        reduce_dtype=dtype[config.mixed_precision.reduce_dtype],
+        param_dtype=torch_dtype(config.mixed_precision.param_dtype),
+        reduce_dtype=torch_dtype(config.mixed_precision.reduce_dtype),
     )
     # Selection biases held as (frozen) parameters, e.g. ERNIE 4.5's, stay whole on every rank:
     # aux-loss-free balancing updates them in place from global counts, identically everywhere.

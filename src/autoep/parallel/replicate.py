@@ -69,15 +69,24 @@ class _Bucket:
     buffer: torch.Tensor
     views: list[torch.Tensor]
     arrived: list[bool]  # host copy of this rank's flags, for the current backward
+    missing: int = 0  # parameters not arrived yet in this backward (the hook's O(1) readiness test)
     work: dist.Work | None = None
+
+    def __post_init__(self) -> None:
+        self.missing = len(self.params)
 
     @property
     def numel(self) -> int:
         return self.buffer.numel() - len(self.params)
 
-    @property
-    def ready(self) -> bool:
-        return all(self.arrived)
+    def take(self, index: int, param: nn.Parameter) -> None:
+        """Move ``param``'s local gradient into its slice (unless it accumulated there in place) and free it."""
+        view, grad = self.views[index], _local_grad(param)
+        if grad.data_ptr() != view.data_ptr():
+            view.copy_(grad)
+        self.arrived[index] = True
+        self.missing -= 1
+        param.grad = None
 
 
 @dataclass
@@ -147,22 +156,21 @@ class ReplicatedGradients:
             self._in_backward = True
             Variable._execution_engine.queue_callback(self._finish)
         group, bucket, index = self._where[param]
-        view, grad = bucket.views[index], _local_grad(param)
-        if bucket.arrived[index]:  # a second gradient in one backward (re-entrant recomputation)
-            if group.buckets.index(bucket) < group.next_to_start:
-                raise RuntimeError(
-                    "a gradient arrived after its bucket's all-reduce started (re-entrant activation "
-                    "checkpointing?); use gradient_checkpointing_kwargs={'use_reentrant': False}"
-                )
-            view.add_(grad)
-        elif grad.data_ptr() != view.data_ptr():  # else it accumulated in place into last step's view
-            view.copy_(grad)
-        bucket.arrived[index] = True
-        param.grad = None  # the bucket holds it now; freed before the rest of backward runs
-        self._start_ready(group)
+        if not bucket.arrived[index]:
+            bucket.take(index, param)  # freed now, before the rest of backward runs
+            self._start_ready(group)
+            return
+        # A second gradient in one backward (re-entrant recomputation): add it, unless already sent.
+        if group.buckets.index(bucket) < group.next_to_start:
+            raise RuntimeError(
+                "a gradient arrived after its bucket's all-reduce started (re-entrant activation "
+                "checkpointing?); use gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
+        bucket.views[index].add_(_local_grad(param))
+        param.grad = None
 
     def _start_ready(self, group: _Group) -> None:
-        while group.next_to_start < len(group.buckets) and group.buckets[group.next_to_start].ready:
+        while group.next_to_start < len(group.buckets) and group.buckets[group.next_to_start].missing == 0:
             self._start(group.buckets[group.next_to_start])
             group.next_to_start += 1
 
@@ -179,8 +187,14 @@ class ReplicatedGradients:
         for group in self._groups:
             for bucket in group.buckets[group.next_to_start :]:
                 for index, param in enumerate(bucket.params):
-                    if not bucket.arrived[index]:
-                        self._take_leftover(bucket, index, param)
+                    if bucket.arrived[index]:
+                        continue
+                    # Not reached by this backward: a gradient from earlier unsynchronised micro-batches
+                    # is this rank's contribution; none at all counts as zeros.
+                    if param.grad is None:
+                        bucket.views[index].zero_()
+                    else:
+                        bucket.take(index, param)
                 self._start(bucket)
             group.next_to_start = 0
         for group in self._groups:
@@ -192,30 +206,17 @@ class ReplicatedGradients:
                 self._hand_out(bucket)
 
     @staticmethod
-    def _take_leftover(bucket: _Bucket, index: int, param: nn.Parameter) -> None:
-        """A parameter this backward did not reach: its gradient from earlier unsynchronised micro-batches
-        (if any) is this rank's contribution, otherwise zeros."""
-        view = bucket.views[index]
-        if param.grad is None:
-            view.zero_()
-            return
-        grad = _local_grad(param)
-        if grad.data_ptr() != view.data_ptr():
-            view.copy_(grad)
-        bucket.arrived[index] = True
-        param.grad = None
-
-    @staticmethod
     def _hand_out(bucket: _Bucket) -> None:
         """``param.grad`` = its slice of the bucket, or ``None`` where no rank produced one.
 
         Only parameters this rank did not produce need the summed flag: a host read, skipped when
         every gradient arrived here (the common case, no device sync)."""
-        counts = None if bucket.ready else bucket.buffer[bucket.numel :].tolist()
+        counts = None if bucket.missing == 0 else bucket.buffer[bucket.numel :].tolist()
         for index, (param, view) in enumerate(zip(bucket.params, bucket.views, strict=True)):
             if bucket.arrived[index] or counts[index] > 0:
                 param.grad = _as_grad(param, view)
             bucket.arrived[index] = False
+        bucket.missing = len(bucket.params)
 
     def remove(self) -> None:
         for hook in self._hooks:
