@@ -26,16 +26,17 @@ class _Three(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.use_b = True
         self.a = nn.Parameter(torch.arange(6.0).view(2, 3))
         self.b = nn.Parameter(torch.ones(3))
         self.c = nn.Parameter(torch.ones(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = (x @ self.a).sum()
-        return out + (self.b * x.sum()).sum() if dist.get_rank() == 0 else out
+        return out + (self.b * x.sum()).sum() if dist.get_rank() == 0 and self.use_b else out
 
 
-def _grads(bucket_bytes: int, accumulate: bool) -> dict:
+def _grads(bucket_bytes: int, accumulate: bool, b_in_synced: bool = True) -> dict:
     rank = dist.get_rank()
     model = _Three()
     reducer = ReplicatedGradients([(list(model.parameters()), dist.group.WORLD)], 2, bucket_bytes=bucket_bytes)
@@ -45,6 +46,7 @@ def _grads(bucket_bytes: int, accumulate: bool) -> dict:
         reducer.set_requires_gradient_sync(False)
         model(x).backward()
         reducer.set_requires_gradient_sync(True)
+    model.use_b = b_in_synced
     with counter:
         model(x).backward()
     reducer.remove()
@@ -77,6 +79,8 @@ def _scenarios() -> dict:
         "one_bucket": _grads(2**20, accumulate=False),
         "per_param_buckets": _grads(1, accumulate=False),
         "accumulated": _grads(1, accumulate=True),
+        # b's gradient exists only from the unsynced micro-batch: the synced backward never reaches it
+        "leftover": _grads(1, accumulate=True, b_in_synced=False),
         "hf": _hf_backends(),
     }
 
@@ -126,3 +130,13 @@ def test_zero0_backend_choice_and_bucketed_backward(world2) -> None:
     assert hf["bf16"] == (True, False), "bf16 compute over fp32 weights needs FSDP's cast"
     # ep 2 on 2 ranks: dense over dp = 2 (one bucket, one all-reduce), experts over edp = 1 (no collective).
     assert hf["buckets"] == 2 and hf["backward_all_reduces"] == 1
+
+
+def test_gradient_only_from_an_unsynced_micro_batch_is_reduced(world2) -> None:
+    want = _expected(2)
+    want["b"] = _expected(1)["b"]  # rank 0's first micro-batch alone, averaged with rank 1's nothing
+    for rank in (0, 1):
+        got = world2[rank]["leftover"]["grads"]
+        assert got["c"] is None
+        for name in ("a", "b"):
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
