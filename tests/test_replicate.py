@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 import autoep
 from autoep.launch import run_local
 from autoep.models.tiny import build_tiny_model
+from autoep.moe.experts import local_tensor
 from autoep.parallel.replicate import ReplicatedGradients
 from autoep.report.costs import CollectiveCounter
 
@@ -74,8 +75,57 @@ def _hf_backends() -> dict:
     return out
 
 
+def _owned_vs_zero0() -> dict:
+    """Three AdamW steps of tiny-mixtral (ep 2: dense split over dp 2, experts whole on each rank) with
+    clipping active, at ZeRO 0 and at ZeRO 1 and 2 with owned updates; the model built on the meta device
+    (buffers allocated after materialisation); plus which backend bf16 compute gets."""
+    from autoep.train import train_step
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 8), generator=gen)[dist.get_rank() :][:1] for _ in range(3)]
+    out = {}
+    for zero in (0, 1, 2):
+        with torch.device("meta"):
+            model = build_tiny_model("tiny-mixtral", seed=0)
+        autoep.parallelize(model, autoep.AutoEPConfig(ep_size=2, zero_stage=zero))
+        optimizer = autoep.build_optimizer(model, model.autoep.config)
+        model(input_ids=batches[0], labels=batches[0]).loss.backward()
+        with_grads = sorted(n for n, p in model.named_parameters() if p.grad is not None)
+        devices = {local_tensor(p.grad).device.type for p in model.parameters() if p.grad is not None}
+        optimizer.zero_grad()
+        counter = CollectiveCounter()
+        with counter:
+            results = [train_step(model, optimizer, [b], max_grad_norm=0.05) for b in batches]
+        names = {id(p): n for n, p in model.named_parameters()}
+        out[zero] = {
+            "losses": [r.loss for r in results],
+            "norms": [r.grad_norm for r in results],
+            "params": {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()},
+            "state": sorted(names[id(p)] for p in optimizer.state),
+            "with_grads": with_grads,
+            "grad_devices": devices,
+            "all_gathers": counter.counts["_allgather_base_"],
+            "buckets": sum(1 for _ in model.autoep.replicated.buckets()),
+            "owned": model.autoep.owned is not None,
+            "grads_after_step": [n for n, p in model.named_parameters() if p.grad is not None],
+        }
+        if zero == 2:  # a second synchronised backward on top of ZeRO 2's reduced gradients cannot be added
+            model(input_ids=batches[0], labels=batches[0]).loss.backward()
+            try:
+                model(input_ids=batches[0], labels=batches[0]).loss.backward()
+                out["second_backward"] = "accepted"
+            except RuntimeError as error:
+                out["second_backward"] = str(error)
+    model = build_tiny_model("tiny-mixtral", seed=0)
+    bf16 = autoep.AutoEPConfig(ep_size=2, zero_stage=1, mixed_precision={"param_dtype": "bfloat16"})
+    autoep.parallelize(model, bf16)
+    out["bf16"] = (isinstance(model, FSDPModule), model.autoep.owned is not None)
+    return out
+
+
 def _scenarios() -> dict:
     return {
+        "owned": _owned_vs_zero0(),
         "one_bucket": _grads(2**20, accumulate=False),
         "per_param_buckets": _grads(1, accumulate=False),
         "accumulated": _grads(1, accumulate=True),
@@ -140,3 +190,45 @@ def test_gradient_only_from_an_unsynced_micro_batch_is_reduced(world2) -> None:
         assert got["c"] is None
         for name in ("a", "b"):
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_owned_updates_equal_zero0_with_split_state(world2, zero) -> None:
+    for rank in (0, 1):
+        z0, owned = world2[rank]["owned"][0], world2[rank]["owned"][zero]
+        assert owned["owned"] and not z0["owned"]
+        # 2 ranks: the same sums, bit for bit; ZeRO 2's norm adds the squares per owner, in another order
+        exact = {"rtol": 0, "atol": 0} if zero == 1 else {"rtol": 1e-6, "atol": 1e-7}
+        assert owned["losses"][0] == z0["losses"][0]
+        torch.testing.assert_close(owned["losses"], z0["losses"], **exact)
+        torch.testing.assert_close(owned["norms"], z0["norms"], **exact)
+        assert z0["norms"][0] > 0.05  # clipping was active
+        for name, value in z0["params"].items():
+            torch.testing.assert_close(owned["params"][name], value, **exact, msg=name)
+    for zero_ in (0, zero):  # dense parameters stay replicated: every rank applied the same update
+        params0, params1 = world2[0]["owned"][zero_]["params"], world2[1]["owned"][zero_]["params"]
+        for name in set(params0) - _experts(set(params0)):
+            assert torch.equal(params0[name], params1[name]), f"ZeRO {zero_}: {name} differs between ranks"
+        # one in-place all-gather per bucket and step (experts: a group of one rank, nothing to gather)
+        assert owned["all_gathers"] == 3 * (owned["buckets"] - 1) and z0["all_gathers"] == 0
+        assert owned["grads_after_step"] == []
+        assert owned["grad_devices"] == {"cpu"}  # built on meta: buckets allocated on the real device
+    every = set(world2[0]["owned"][0]["state"])
+    mine, theirs = set(world2[0]["owned"][zero]["state"]), set(world2[1]["owned"][zero]["state"])
+    assert mine and theirs and not (mine & theirs - _experts(every)), "a dense parameter updated on both ranks"
+    assert mine | theirs == every, "a parameter nobody updates"
+    grads0, grads1 = set(world2[0]["owned"][zero]["with_grads"]), set(world2[1]["owned"][zero]["with_grads"])
+    if zero == 1:
+        assert grads0 == grads1 == set(world2[0]["owned"][0]["with_grads"])  # replicated gradients
+    else:  # each dense gradient on its owner only, as its optimizer state
+        assert grads0 - _experts(every) == mine - _experts(every)
+        assert grads1 - _experts(every) == theirs - _experts(every)
+    assert world2[0]["owned"]["bf16"] == (True, False), "bf16 compute over fp32 weights needs FSDP's cast"
+
+
+def test_zero2_refuses_to_add_onto_reduced_gradients(world2) -> None:
+    assert "zero_grad" in world2[0]["owned"]["second_backward"]
+
+
+def _experts(names: set[str]) -> set[str]:
+    return {n for n in names if ".experts." in n}

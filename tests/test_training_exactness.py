@@ -88,6 +88,11 @@ def first_grads(zero: int, ep: int) -> dict[str, torch.Tensor] | None:
     batch = global_batches(1, WORLD, model.config.vocab_size)[0][rank : rank + 1]
     model(input_ids=batch, labels=batch).loss.backward()
     grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
+    if model.autoep.owned is not None and zero == 2:  # each gradient on its owner only: merge them
+        mine = {n: g for n, g in grads.items() if g is not None}
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, mine)
+        grads = {n: next(r[n] for r in every_rank if n in r) for n in grads}
     return grads if rank == 0 else None
 
 

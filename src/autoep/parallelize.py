@@ -11,9 +11,10 @@ from autoep.config import AutoEPConfig, ParallelDims
 from autoep.convert import ConversionReport, convert, validate_conversion
 from autoep.errors import ConfigError
 from autoep.moe.sites import moe_sites
-from autoep.parallel.data_parallel import apply_data_parallel, uses_bucketed_replicas
+from autoep.parallel.data_parallel import apply_data_parallel, rebuild_bucketed, uses_bucketed_replicas
 from autoep.parallel.groups import Meshes, build_meshes, local_device
 from autoep.parallel.materialize import has_meta_parameters, init_deterministic_, materialize
+from autoep.parallel.ownership import OwnedUpdates
 from autoep.parallel.replicate import ReplicatedGradients
 from autoep.parallel.tensor_parallel import TPPlan, apply_tensor_parallel, validate_tensor_parallel
 from autoep.parallel.wrapping import check_accelerate_state, mark_distributed
@@ -28,7 +29,8 @@ class ParallelState:
     meshes: Meshes
     report: ConversionReport
     tp_plan: TPPlan
-    replicated: ReplicatedGradients | None = None  # ZeRO 0's bucketed all-reduce, when it replaces FSDP
+    replicated: ReplicatedGradients | None = None  # ZeRO 0/1's bucketed all-reduce, when it replaces FSDP
+    owned: OwnedUpdates | None = None  # ZeRO 1's split of the optimizer's work, with ``replicated``
 
     @property
     def dp_rank(self) -> int:
@@ -49,7 +51,7 @@ def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> Paralle
 
 def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = True) -> nn.Module:
     """Convert ``model``'s MoE blocks to expert parallelism, shard the dense path over
-    ``tp`` and apply ZeRO (FSDP2; ZeRO 0 in fp32: bucketed all-reduce), in place.
+    ``tp`` and apply ZeRO (FSDP2; ZeRO 0/1 in fp32: bucketed all-reduce), in place.
 
     Needs an initialised default process group (``torchrun`` or `autoep train`).
     Builds the dense (``dp`` x ``tp``) and expert (``edp`` x ``ep``) meshes,
@@ -57,7 +59,7 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     tensor-parallel plan (:mod:`autoep.parallel.tensor_parallel`), optionally
     enables activation checkpointing, and shards with the stage mapping of
     docs/training.md and expert gradients divided by ``dp``. Returns the same
-    model object (an FSDP module unless ZeRO 0 is bucketed), with ``model.autoep`` describing the
+    model object (an FSDP module unless ZeRO 0/1 is bucketed), with ``model.autoep`` describing the
     layout; accelerate's ``prepare`` leaves it as it is and its ``no_sync()``
     defers the gradient reduction (:mod:`autoep.parallel.wrapping`).
 
@@ -67,11 +69,16 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     """
     if not dist.is_initialized():
         raise ConfigError("autoep.parallelize needs torch.distributed: launch with `autoep train` or torchrun")
-    shard(model, config)
+    state = shard(model, config)
     if has_meta_parameters(model):
         materialize(model, local_device())
         if init_meta:
             init_deterministic_(model, seed=config.seed)
+        if state.replicated is not None:  # materialising made new parameter objects: hook those
+            state.replicated.remove()
+            if state.owned is not None:
+                state.owned.remove()
+            state.replicated, state.owned = rebuild_bucketed(model, config, state.dims, state.meshes)
     mark_distributed(model)  # accelerate / Trainer must not wrap it again
     return model
 
@@ -107,6 +114,6 @@ def shard(model: nn.Module, config: AutoEPConfig, *, fsdp_only: bool = False) ->
     if config.recompute_expert_activation:
         for _, site in moe_sites(model):
             site.recompute_activation = True
-    replicated = apply_data_parallel(model, config, dims, meshes, bucketed=bucketed)
-    model.autoep = ParallelState(config, dims, meshes, report, tp_plan, replicated)
+    replicated, owned = apply_data_parallel(model, config, dims, meshes, bucketed=bucketed)
+    model.autoep = ParallelState(config, dims, meshes, report, tp_plan, replicated, owned)
     return model.autoep

@@ -28,7 +28,7 @@ from autoep.checkpoint.manager import full_tensor, read_metadata, resolve_checkp
 from autoep.checkpoint.safetensors_io import ShardWriter
 from autoep.errors import CheckpointError
 from autoep.load_balance import added_bias_keys
-from autoep.parallel.fsdp import reshard_all
+from autoep.parallel.data_parallel import settle_parameters
 
 HF_CONFIG = "hf_config.json"
 
@@ -123,7 +123,7 @@ def export_hf(
     rank = dist.get_rank() if dist.is_initialized() else 0
     layouts = disk_layout(model, per_expert)
     skip = _tied_keys(model) | _added_keys(model)
-    reshard_all(model)
+    settle_parameters(model)
     staging = _prepare_dir(out_dir) if rank == 0 else None
     writer = ShardWriter(staging, parse_size(max_shard_size)) if rank == 0 else None
     items = [(k, v) for k, v in model.state_dict().items() if k not in skip]

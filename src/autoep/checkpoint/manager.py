@@ -54,7 +54,7 @@ from autoep.checkpoint.integrity import (
     written_checksums,
 )
 from autoep.errors import CheckpointError
-from autoep.parallel.fsdp import reshard_all
+from autoep.parallel.data_parallel import settle_parameters
 
 LATEST = "latest"
 META_FILE = "autoep.json"
@@ -233,7 +233,7 @@ def save_checkpoint(
     final, partial = root / name, root / f".{name}.partial"
     extra = dict(extra or {})
     _agree(_attempt(_prepare, root, partial) if _rank() == 0 else None, "preparing its directory", root)
-    reshard_all(model)
+    settle_parameters(model)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=_OPTIONS)
     writer = ChecksumWriter(partial)
     try:
@@ -372,7 +372,7 @@ def load_checkpoint(
     check_compatible(model, saved, step_dir)
     metadata = verify_files(step_dir)
     verify_checkpoint(step_dir)
-    reshard_all(model)
+    settle_parameters(model)
     options = _OPTIONS if _flat_optimizer_state(metadata) else StateDictOptions()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=options)
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}

@@ -3,7 +3,8 @@
 Every parameter element must count once in the norm. Sharded placements
 (FSDP's ``Shard``/``_StridedShard``, the expert dimension over EP) already
 split elements between ranks; a ``Replicate`` placement (ZeRO-0) holds the
-same elements on each rank of that mesh dimension, and a mesh that covers
+same elements on each rank of that mesh dimension (as does every rank for a
+plain tensor, unless ZeRO 2 left its gradient on one owner), and a mesh that covers
 only part of the world (one tensor-parallel lane) repeats on the other
 lanes, so its local sum of squares is divided by the replication factor. One all-reduce over the world
 then yields the exact global norm, whatever mixture of meshes the model uses.
@@ -20,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 from autoep.moe.experts import local_tensor
+from autoep.parallel.replicate import grad_split
 
 
 def _replication(t: torch.Tensor) -> int:
@@ -36,12 +38,16 @@ def _replication(t: torch.Tensor) -> int:
 
 @torch.no_grad()
 def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
-    """L2 norm of all gradients as if the model were in one process (fp32)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    device = local_tensor(grads[0]).device if grads else torch.device("cpu")
+    """L2 norm of all gradients as if the model were in one process (fp32).
+
+    A gradient that ZeRO 2's reduce-scatter left on its owner only (:func:`grad_split`) is held by that
+    many times fewer ranks than its parameter."""
+    with_grads = [p for p in parameters if p.grad is not None]
+    device = local_tensor(with_grads[0].grad).device if with_grads else torch.device("cpu")
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
-    for grad in grads:
-        total_sq += local_tensor(grad).float().pow(2).sum() / _replication(grad)
+    for param in with_grads:
+        grad = param.grad
+        total_sq += local_tensor(grad).float().pow(2).sum() / (_replication(grad) // grad_split(param))
     if dist.is_initialized():
         dist.all_reduce(total_sq)
     return total_sq.sqrt()

@@ -1,11 +1,16 @@
 """Which data-parallel backend a ZeRO stage gets, chosen once when the model is sharded.
 
-* ZeRO 1-3, and ZeRO 0 when parameters must be cast for compute (bf16
+* ZeRO 3, and ZeRO 0-2 when parameters must be cast for compute (bf16
   ``param_dtype`` over fp32 weights) or offloaded: FSDP2 (:mod:`autoep.parallel.fsdp`;
   ZeRO 0 there is a ``(replicate, shard=1)`` mesh).
 * ZeRO 0 otherwise: replicated parameters and a bucketed, overlapped
   all-reduce (:mod:`autoep.parallel.replicate`). Same semantics, about half the
   gradient-reduction work (benchmarks/peer_compare.py).
+* ZeRO 1 and 2 otherwise: each rank updates only the parameters it owns,
+  then all exchange them (:mod:`autoep.parallel.ownership`); gradients are
+  all-reduced (ZeRO 1) or reduce-scattered to their owners (ZeRO 2).
+  Optimizer state is split over the ranks, parameters stay replicated. Where
+  some rank would own nothing (a tiny model on many ranks), FSDP2.
 
 :func:`set_gradient_sync` is the one switch for gradient accumulation on either.
 """
@@ -18,14 +23,15 @@ from torch.distributed.fsdp import FSDPModule
 
 from autoep.config import AutoEPConfig, ParallelDims, torch_dtype
 from autoep.moe.sites import moe_sites
-from autoep.parallel.fsdp import apply_fsdp
+from autoep.parallel.fsdp import apply_fsdp, reshard_all
 from autoep.parallel.groups import Meshes
+from autoep.parallel.ownership import OwnedUpdates
 from autoep.parallel.replicate import ReplicatedGradients
 
 
 def uses_bucketed_replicas(config: AutoEPConfig, model: nn.Module) -> bool:
-    """ZeRO 0 whose parameters compute and reduce in their own dtype, on their own device."""
-    if config.zero_stage != 0 or config.cpu_offload:
+    """ZeRO 0-2 whose parameters compute and reduce in their own dtype, on their own device."""
+    if config.zero_stage > 2 or config.cpu_offload:
         return False
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     mp = config.mixed_precision
@@ -34,12 +40,38 @@ def uses_bucketed_replicas(config: AutoEPConfig, model: nn.Module) -> bool:
 
 def apply_data_parallel(
     model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshes: Meshes, *, bucketed: bool
-) -> ReplicatedGradients | None:
-    """Apply the backend (``bucketed``: :func:`uses_bucketed_replicas`, decided before the meshes were built);
-    returns the bucketed reducer, or ``None`` when FSDP wraps the model."""
-    if not bucketed:
-        apply_fsdp(model, config, dims, meshes)
-        return None
+) -> tuple[ReplicatedGradients | None, OwnedUpdates | None]:
+    """Apply the backend (``bucketed``: :func:`uses_bucketed_replicas`, decided before the meshes were built).
+
+    Returns the bucketed reducer and, for ZeRO 1/2, the owned updates; ``(None, None)`` when FSDP wraps the model."""
+    if bucketed:
+        reducer, owned = rebuild_bucketed(model, config, dims, meshes)
+        if config.zero_stage == 0 or owned is not None:
+            return reducer, owned
+        reducer.remove()
+    apply_fsdp(model, config, dims, meshes)
+    return None, None
+
+
+def rebuild_bucketed(
+    model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshes: Meshes
+) -> tuple[ReplicatedGradients, OwnedUpdates | None]:
+    """The bucketed reducer on ``model``'s current parameter objects, and (ZeRO 1/2) the owned updates, or
+    ``None`` where some rank would own nothing. Called again after a meta model is materialised."""
+    reducer = _bucketed_reducer(model, config, dims, meshes)
+    if config.zero_stage == 0:
+        return reducer, None
+    owned = OwnedUpdates(reducer)
+    if owned.every_rank_owns:
+        return reducer, owned
+    owned.remove()
+    return reducer, None
+
+
+def _bucketed_reducer(
+    model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshes: Meshes
+) -> ReplicatedGradients:
+    owned = config.zero_stage > 0
     expert_params = {id(p) for _, site in moe_sites(model) for p in site.experts_module.parameters()}
     dense = [p for p in model.parameters() if id(p) not in expert_params]
     experts = [p for p in model.parameters() if id(p) in expert_params]
@@ -49,7 +81,7 @@ def apply_data_parallel(
     else:
         groups = [(dense, dense_group), (experts, expert_group)]
     # Both divide by dp: expert gradients arrive summed over the EP group (DESIGN.md, autoep.parallel.fsdp).
-    return ReplicatedGradients(groups, divide_factor=dims.dp)
+    return ReplicatedGradients(groups, divide_factor=dims.dp, runs=owned, scatter=owned and config.zero_stage == 2)
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
@@ -59,3 +91,14 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     replicated = getattr(getattr(model, "autoep", None), "replicated", None)
     if replicated is not None:
         replicated.set_requires_gradient_sync(sync)
+
+
+def settle_parameters(model: nn.Module) -> None:
+    """Parameters in their state at rest, before they are read whole (a checkpoint, an export).
+
+    FSDP units go back to their shards; under owned updates (ZeRO 1/2) a step the exchange has not followed
+    yet is exchanged. A collective where either applies: every rank calls it."""
+    reshard_all(model)
+    owned = getattr(getattr(model, "autoep", None), "owned", None)
+    if owned is not None:
+        owned.sync_parameters()
