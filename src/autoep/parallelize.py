@@ -90,12 +90,15 @@ def shard(model: nn.Module, config: AutoEPConfig, *, fsdp_only: bool = False) ->
     parallelism, activation checkpointing and the data-parallel backend
     (:mod:`autoep.parallel.data_parallel`); sets ``model.autoep``. `autoep.plan`
     simulates exactly this on a fake world, with ``fsdp_only``: its memory
-    tracker follows FSDP units, so an fp32 ZeRO 0 plan is FSDP's replicate mesh,
-    which holds the same parameters, gradients and optimizer state.
+    tracker follows FSDP units, so a plan of the bucketed stages (fp32 ZeRO 0-2)
+    runs on FSDP's replicate mesh, which holds the same whole parameters
+    (ZeRO 1/2's split optimizer state: :func:`autoep.plan.simulate.tracked_step`).
     """
     dims = validate(model, config, dist.get_world_size())
-    bucketed = not fsdp_only and uses_bucketed_replicas(config, model)
-    meshes = build_meshes(dims, fsdp_replicate=config.zero_stage == 0 and not bucketed)
+    eligible = uses_bucketed_replicas(config, model)
+    bucketed = eligible and not fsdp_only
+    replicate = not bucketed and (config.zero_stage == 0 or (fsdp_only and eligible))
+    meshes = build_meshes(dims, fsdp_replicate=replicate)
     # Tensor-parallel peers see the same tokens: their MoE layers fold, and routing statistics
     # reduce over one lane of every data shard (the world while tp = 1).
     report = convert(

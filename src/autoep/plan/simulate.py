@@ -20,13 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from autoep.config import AutoEPConfig
 from autoep.moe.dispatch import PlannedCounts, RoutingPlanner
 from autoep.moe.sites import moe_sites
 from autoep.optim import build_optimizer
+from autoep.parallel.bucket_layout import split_runs
 from autoep.parallel.clip import clip_grad_norm_
-from autoep.parallel.data_parallel import set_gradient_sync
+from autoep.parallel.data_parallel import set_gradient_sync, uses_bucketed_replicas
 from autoep.parallel.materialize import materialize
 from autoep.parallelize import shard
 from autoep.plan.comm import CommCounter, CommCounts
@@ -84,6 +86,8 @@ def tracked_step(
     ``record_routing`` (real runs only): keep each MoE layer's dispatch counts, to replay in a simulation.
     """
     optimizer = build_optimizer(model, config)
+    if fake and config.zero_stage in (1, 2) and uses_bucketed_replicas(config, model):
+        _state_for_owned_only(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     batches = [
         torch.randint(0, vocab_size, (config.micro_batch_size, seq_len), generator=generator)
@@ -112,6 +116,28 @@ def tracked_step(
     if fake and tracker.peak_phase == "backward":
         peak.grads += in_flight_reduce_scatter_bytes(model)
     return StepMeasurement(peak, tracker.component_peaks(), counter.counts, seconds, routing, tracker.raw_peak())
+
+
+def _state_for_owned_only(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ZeRO 1/2 with owned updates, simulated on FSDP's replicate mesh (:func:`autoep.parallelize.shard`):
+    before each step drop the gradients of the parameters another rank owns, so that this rank's optimizer
+    state is its own share, as :mod:`autoep.parallel.ownership` does. The split is the same rule over
+    each reduce group's parameters (without the 25 MiB bucket cuts, which change it little); ZeRO 2's
+    gradients are left whole, so its plan errs high by ``(size - 1) / size`` of the gradients."""
+    state = model.autoep
+    experts = {id(p) for _, site in moe_sites(model) for p in site.experts_module.parameters()}
+    unowned = []
+    for is_expert, mesh in ((False, state.meshes.dense_fsdp), (True, state.meshes.expert_fsdp)):
+        params = [p for p in reversed(list(model.parameters())) if p.requires_grad and (id(p) in experts) == is_expert]
+        size, rank = mesh.size(0), mesh.get_local_rank(0)
+        owners = split_runs([p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params], size)
+        unowned += [p for p, owner in zip(params, owners, strict=True) if owner != rank]
+
+    def drop(*_: Any) -> None:
+        for param in unowned:
+            param.grad = None
+
+    optimizer.register_step_pre_hook(drop)
 
 
 def in_flight_reduce_scatter_bytes(model: nn.Module) -> int:
