@@ -22,6 +22,7 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import autoep
@@ -45,10 +46,11 @@ def global_batches(steps: int, rows: int, vocab: int, seed: int = 0) -> list[tor
     return [torch.randint(0, vocab, (rows, SEQ), generator=gen) for _ in range(steps)]
 
 
-def make_config(zero: int, ep: int, micro: int = 1, accum: int = 1) -> autoep.AutoEPConfig:
+def make_config(zero: int, ep: int, micro: int = 1, accum: int = 1, backend: str = "replicated") -> autoep.AutoEPConfig:
     return autoep.AutoEPConfig(
         ep_size=ep,
         zero_stage=zero,
+        zero_backend=backend,
         micro_batch_size=micro,
         gradient_accumulation_steps=accum,
         gradient_clipping=CLIP,
@@ -64,10 +66,10 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_distributed(zero: int, ep: int, micro: int, accum: int) -> dict:
+def run_distributed(zero: int, ep: int, micro: int, accum: int, backend: str = "replicated") -> dict:
     rank = dist.get_rank()
     model = build_tiny_model(MODEL, seed=1)
-    config = make_config(zero, ep, micro, accum)
+    config = make_config(zero, ep, micro, accum, backend)
     autoep.parallelize(model, config)
     optimizer = autoep.build_optimizer(model, config)
     rows_per_rank = micro * accum
@@ -78,7 +80,8 @@ def run_distributed(zero: int, ep: int, micro: int, accum: int) -> dict:
         losses.append(result.loss)
         norms.append(result.grad_norm)
     params = full_params(model)
-    return {"losses": losses, "norms": norms, "params": params if rank == 0 else None}
+    fsdp = isinstance(model, FSDPModule)
+    return {"losses": losses, "norms": norms, "params": params if rank == 0 else None, "fsdp": fsdp}
 
 
 def first_grads(zero: int, ep: int) -> dict[str, torch.Tensor] | None:
@@ -120,10 +123,11 @@ def reference(rows: int) -> dict:
 
 EXACT = [(zero, ep, 1, 1) for zero, ep in itertools.product((0, 1, 2, 3), (1, 2, 4))]
 ACCUM = [(2, 2, 1, 2), (3, 2, 1, 2), (2, 2, 2, 1), (3, 2, 2, 1)]
+FSDP = [(1, 2, 1, 1, "fsdp"), (2, 2, 1, 2, "fsdp")]  # DESIGN.md's FSDP2 mapping of ZeRO 1/2, still available
 
 
 def _worker() -> dict:
-    results = {case: run_distributed(*case) for case in EXACT + ACCUM}
+    results = {case: run_distributed(*case) for case in EXACT + ACCUM + FSDP}
     results["grads"] = {(zero, ep): first_grads(zero, ep) for zero, ep, _, _ in EXACT}
     return results
 
@@ -166,6 +170,13 @@ def test_matches_single_process(results, references, zero, ep, micro, accum) -> 
 @pytest.mark.parametrize(("zero", "ep", "micro", "accum"), ACCUM)
 def test_accumulation_equals_larger_batch(results, references, zero, ep, micro, accum) -> None:
     _assert_matches(results[(zero, ep, micro, accum)], references[2 * WORLD])
+
+
+@pytest.mark.parametrize("case", FSDP)
+def test_fsdp_backend_matches_single_process(results, references, case) -> None:
+    zero, ep, micro, accum, _ = case
+    assert results[case]["fsdp"] and not results[(zero, ep, 1, 1)]["fsdp"]
+    _assert_matches(results[case], references[WORLD * micro * accum])
 
 
 def test_params_really_moved(results, references) -> None:

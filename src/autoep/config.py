@@ -122,10 +122,14 @@ class ParallelDims:
 class AutoEPConfig(BaseModel):
     """Parallel layout (``ep_size``, ``tp_size``, ``zero_stage``) and training recipe of a job.
 
-    ZeRO stages map onto FSDP2 as documented in docs/zero.md: 0 replicates
-    everything and all-reduces gradients; 1 and 2 shard optimizer state and
-    gradients and keep parameters gathered from forward to backward; 3 also
-    re-gathers parameters per layer.
+    ZeRO stages (docs/training.md): 0 replicates everything and all-reduces
+    gradients; 1 splits optimizer state, 2 also gradients; 3 also shards
+    parameters, re-gathered per layer. ``zero_backend`` says how 0-2 run when
+    parameters compute in their own dtype: ``"replicated"`` keeps parameters
+    whole and reduces gradients in buckets, each rank updating the parameters
+    it owns (ZeRO 1/2, as DeepSpeed does); ``"fsdp"`` uses FSDP2 for every
+    stage, so ZeRO 1/2 parameters are sharded between steps and gathered from
+    forward to backward (less memory at rest, one gather per layer per step).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -135,6 +139,7 @@ class AutoEPConfig(BaseModel):
     zero_stage: Literal[0, 1, 2, 3] = 0
     mixed_precision: MixedPrecisionConfig = Field(default_factory=MixedPrecisionConfig)
     cpu_offload: bool = False
+    zero_backend: Literal["replicated", "fsdp"] = "replicated"
     activation_checkpointing: bool = False
     recompute_expert_activation: bool = False  # keep only the experts' gate/up output for backward
     gradient_accumulation_steps: int = Field(1, ge=1)

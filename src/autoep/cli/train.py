@@ -41,6 +41,7 @@ def build_config(args: argparse.Namespace):
             "ep_size": args.ep,
             "tp_size": args.tp,
             "zero_stage": args.zero,
+            "zero_backend": args.zero_backend,
             "micro_batch_size": args.micro_batch,
             "gradient_accumulation_steps": args.grad_accum,
             "gradient_clipping": args.clip,

@@ -80,6 +80,12 @@ def add_flags(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     g.add_argument("--clip", type=float, help="global gradient-norm clipping; 0 disables (default: 1.0)")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters in forward/backward, fp32 reductions")
+    g.add_argument(
+        "--zero-backend",
+        choices=["replicated", "fsdp"],
+        help="ZeRO 0-2: whole parameters and bucketed reductions (replicated, the default) or FSDP2 (fsdp: "
+        "ZeRO 1/2 parameters sharded between steps)",
+    )
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument(
         "--recompute-expert-activation",

@@ -1,6 +1,6 @@
 """Which data-parallel backend a ZeRO stage gets, chosen once when the model is sharded.
 
-* ZeRO 3, and ZeRO 0-2 when parameters must be cast for compute (bf16
+* ZeRO 3, ``zero_backend="fsdp"``, and ZeRO 0-2 when parameters must be cast for compute (bf16
   ``param_dtype`` over fp32 weights) or offloaded: FSDP2 (:mod:`autoep.parallel.fsdp`;
   ZeRO 0 there is a ``(replicate, shard=1)`` mesh).
 * ZeRO 0 otherwise: replicated parameters and a bucketed, overlapped
@@ -30,8 +30,9 @@ from autoep.parallel.replicate import ReplicatedGradients
 
 
 def uses_bucketed_replicas(config: AutoEPConfig, model: nn.Module) -> bool:
-    """ZeRO 0-2 whose parameters compute and reduce in their own dtype, on their own device."""
-    if config.zero_stage > 2 or config.cpu_offload:
+    """ZeRO 0-2 whose parameters compute and reduce in their own dtype, on their own device, unless
+    ``zero_backend="fsdp"`` asks for FSDP2."""
+    if config.zero_stage > 2 or config.cpu_offload or config.zero_backend == "fsdp":
         return False
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     mp = config.mixed_precision
