@@ -37,10 +37,11 @@ class _Three(nn.Module):
         return out + (self.b * x.sum()).sum() if dist.get_rank() == 0 and self.use_b else out
 
 
-def _grads(bucket_bytes: int, accumulate: bool, b_in_synced: bool = True) -> dict:
+def _grads(bucket_bytes: int, accumulate: bool, b_in_synced: bool = True, scatter: bool = False) -> dict:
     rank = dist.get_rank()
     model = _Three()
-    reducer = ReplicatedGradients([(list(model.parameters()), dist.group.WORLD)], 2, bucket_bytes=bucket_bytes)
+    group = [(list(model.parameters()), dist.group.WORLD)]
+    reducer = ReplicatedGradients(group, 2, bucket_bytes=bucket_bytes, runs=scatter, scatter=scatter)
     x = torch.full((4, 2), float(rank + 1))
     counter = CollectiveCounter()
     if accumulate:  # two micro-batches, the first without sync: equals one backward of their sum
@@ -51,8 +52,12 @@ def _grads(bucket_bytes: int, accumulate: bool, b_in_synced: bool = True) -> dic
     with counter:
         model(x).backward()
     reducer.remove()
+    owners = {}
+    for bucket in reducer.buckets():
+        owners.update({id(p): owner for p, owner in zip(bucket.params, bucket.layout.owners, strict=True)})
     return {
         "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "owner": {n: owners[id(p)] for n, p in model.named_parameters()},
         "all_reduces": counter.counts["allreduce_"],
         "buckets": len(reducer._groups[0].buckets),
     }
@@ -128,6 +133,8 @@ def _scenarios() -> dict:
         "owned": _owned_vs_zero0(),
         "one_bucket": _grads(2**20, accumulate=False),
         "per_param_buckets": _grads(1, accumulate=False),
+        # ZeRO 2's reduction, one bucket per parameter: earlier buckets may be handed out while later ones run
+        "scattered": _grads(1, accumulate=True, scatter=True),
         "accumulated": _grads(1, accumulate=True),
         # b's gradient exists only from the unsynced micro-batch: the synced backward never reaches it
         "leftover": _grads(1, accumulate=True, b_in_synced=False),
@@ -232,3 +239,18 @@ def test_zero2_refuses_to_add_onto_reduced_gradients(world2) -> None:
 
 def _experts(names: set[str]) -> set[str]:
     return {n for n in names if ".experts." in n}
+
+
+def test_scattered_gradients_reach_their_owner_only(world2) -> None:
+    """Bucket by bucket (handed out early where the reduction is already done), each gradient lands on the
+    rank that owns its run, equal to the mean; the other rank holds none; nobody's stays None everywhere."""
+    want = _expected(2)
+    for rank in (0, 1):
+        got, owner = world2[rank]["scattered"]["grads"], world2[rank]["scattered"]["owner"]
+        assert world2[rank]["scattered"]["buckets"] == 3
+        for name in ("a", "b"):
+            if owner[name] == rank:
+                torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+            else:
+                assert got[name] is None, f"rank {rank} holds {name}'s gradient, owned by rank {owner[name]}"
+        assert got["c"] is None
