@@ -29,8 +29,8 @@ class ParallelState:
     meshes: Meshes
     report: ConversionReport
     tp_plan: TPPlan
-    replicated: ReplicatedGradients | None = None  # ZeRO 0/1's bucketed all-reduce, when it replaces FSDP
-    owned: OwnedUpdates | None = None  # ZeRO 1's split of the optimizer's work, with ``replicated``
+    replicated: ReplicatedGradients | None = None  # ZeRO 0-2's bucketed reduction, when it replaces FSDP
+    owned: OwnedUpdates | None = None  # ZeRO 1/2's split of the optimizer's work, with ``replicated``
 
     @property
     def dp_rank(self) -> int:
@@ -51,7 +51,7 @@ def validate(model: nn.Module, config: AutoEPConfig, world_size: int) -> Paralle
 
 def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = True) -> nn.Module:
     """Convert ``model``'s MoE blocks to expert parallelism, shard the dense path over
-    ``tp`` and apply ZeRO (FSDP2; ZeRO 0/1 in fp32: bucketed all-reduce), in place.
+    ``tp`` and apply ZeRO (FSDP2; ZeRO 0-2 in fp32: bucketed reductions), in place.
 
     Needs an initialised default process group (``torchrun`` or `autoep train`).
     Builds the dense (``dp`` x ``tp``) and expert (``edp`` x ``ep``) meshes,
@@ -59,7 +59,7 @@ def parallelize(model: nn.Module, config: AutoEPConfig, *, init_meta: bool = Tru
     tensor-parallel plan (:mod:`autoep.parallel.tensor_parallel`), optionally
     enables activation checkpointing, and shards with the stage mapping of
     docs/training.md and expert gradients divided by ``dp``. Returns the same
-    model object (an FSDP module unless ZeRO 0/1 is bucketed), with ``model.autoep`` describing the
+    model object (an FSDP module unless ZeRO 0-2 is bucketed), with ``model.autoep`` describing the
     layout; accelerate's ``prepare`` leaves it as it is and its ``no_sync()``
     defers the gradient reduction (:mod:`autoep.parallel.wrapping`).
 

@@ -130,11 +130,9 @@ def build_optimizer(model: nn.Module, config: AutoEPConfig) -> torch.optim.Optim
     about 7x faster than the foreach implementation (benchmarks/results/peer_compare_cpu*.txt)."""
     reshard_all(model)  # the optimizer must hold the sharded parameters
     if config.optimizer.type == "Muon":
-        optimizer = _build_muon(model, config.optimizer.params)
-    else:
-        params = dict(config.optimizer.params)
-        weight_decay = float(params.pop("weight_decay", 0.0))
-        if "betas" in params:
-            params["betas"] = tuple(params["betas"])
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), **params, fused=True)
-    return optimizer  # ZeRO 1/2: autoep.parallel.ownership's step hooks split the update between ranks
+        return _build_muon(model, config.optimizer.params)
+    params = dict(config.optimizer.params)
+    weight_decay = float(params.pop("weight_decay", 0.0))
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    return torch.optim.AdamW(param_groups(model, weight_decay), **params, fused=True)

@@ -72,7 +72,6 @@ def rebuild_bucketed(
 def _bucketed_reducer(
     model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshes: Meshes
 ) -> ReplicatedGradients:
-    owned = config.zero_stage > 0
     expert_params = {id(p) for _, site in moe_sites(model) for p in site.experts_module.parameters()}
     dense = [p for p in model.parameters() if id(p) not in expert_params]
     experts = [p for p in model.parameters() if id(p) in expert_params]
@@ -82,7 +81,8 @@ def _bucketed_reducer(
     else:
         groups = [(dense, dense_group), (experts, expert_group)]
     # Both divide by dp: expert gradients arrive summed over the EP group (DESIGN.md, autoep.parallel.fsdp).
-    return ReplicatedGradients(groups, divide_factor=dims.dp, runs=owned, scatter=owned and config.zero_stage == 2)
+    zero = config.zero_stage
+    return ReplicatedGradients(groups, divide_factor=dims.dp, runs=zero > 0, scatter=zero == 2)
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:

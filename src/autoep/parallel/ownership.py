@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from autoep.parallel.replicate import ReplicatedGradients, _Bucket, _local
@@ -86,7 +85,6 @@ class OwnedUpdates:
         self.reducer = reducer
         self._buckets = [_OwnedBucket(bucket) for bucket in reducer.buckets()]
         self._unowned = [b.bucket.params[i] for b in self._buckets for i in b.others]
-        self._unowned_ids = {id(p) for p in self._unowned}
         self._param_ids = {id(p) for b in self._buckets for p in b.bucket.params}
         self._exchanged = reducer.reductions
         self._holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = weakref.WeakKeyDictionary()
@@ -96,10 +94,6 @@ class OwnedUpdates:
         post = register_optimizer_step_post_hook(lambda opt, *_: (o := this()) and o._after_step(opt))
         self._handles = [pre, post]
         weakref.finalize(self, lambda handles=tuple(self._handles): [h.remove() for h in handles])
-
-    def owns(self, param: nn.Parameter) -> bool:
-        """Whether this rank's optimizer updates ``param`` (parameters outside the buckets: always)."""
-        return id(param) not in self._unowned_ids
 
     @property
     def every_rank_owns(self) -> bool:
