@@ -61,3 +61,4 @@ while step < opts.steps:
             break
     epoch += 1
 accelerator.print("done")
+autoep.shutdown()  # destroys the process group and exits without gloo's exit-time abort (autoep.teardown)

@@ -55,3 +55,4 @@ trainer.save_model()
 if trainer.is_world_process_zero():
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+autoep.shutdown()  # destroys the process group and exits without gloo's exit-time abort (autoep.teardown)

@@ -50,3 +50,4 @@ trainer.save_model()  # a Hugging Face directory: config.json + model.safetensor
 if trainer.is_world_process_zero():
     reloaded = AutoModelForCausalLM.from_pretrained(opts.output)
     print(f"final loss {result.training_loss:.3f}; reloaded {type(reloaded).__name__} from {opts.output}")
+autoep.shutdown()  # destroys the process group and exits without gloo's exit-time abort (autoep.teardown)

@@ -21,6 +21,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousTimeoutError
 
 from autoep.errors import AutoEPError
+from autoep.teardown import end_process_group
 
 if TYPE_CHECKING:
     from torch.distributed.launcher.api import LaunchConfig
@@ -53,7 +55,8 @@ def _worker(fn: Callable[..., Any], backend: str, args: tuple[Any, ...]) -> Any:
     dist.init_process_group(backend, timeout=collective_timeout())
     # No teardown when fn raises: a peer may be gone, and destroying the group can wait for it forever.
     result = fn(*args)
-    dist.destroy_process_group()
+    ForkingPickler.dumps(result)  # torch elastic sends it back pickled: fail here, before the exit is armed
+    end_process_group()  # and leave without the exit-time gloo abort (autoep.teardown)
     return result
 
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from autoep.errors import AutoEPError
+from autoep.teardown import exit_with
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -184,10 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except AutoEPError as err:
         print(f"autoep: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    return exit_with(code)  # a rank that ran under torchrun leaves with it, skipping finalization
 
 
 if __name__ == "__main__":

@@ -339,12 +339,12 @@ def _run_in_this_process(job) -> dict[str, Any]:
     import torch.distributed as dist
 
     from autoep.launch import collective_timeout, default_backend
+    from autoep.teardown import end_process_group
 
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group(default_backend(), timeout=collective_timeout())
-    try:
-        return _worker(job)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    summary = _worker(job)  # a rank that raises keeps its group: a peer may be gone (see autoep.launch)
+    if owns_group:
+        end_process_group()  # this process then exits with the command's status, without gloo's exit abort
+    return summary

@@ -1,0 +1,95 @@
+"""End a process that ran gloo collectives without torch's exit-time abort.
+
+Why this exists: a gloo worker thread drops its last reference to a finished
+collective *after* the caller's ``wait()`` has returned. When the Python
+objects of that collective's tensors are already gone, the drop needs the GIL.
+If the main thread has begun interpreter finalization by then, CPython (before
+3.14) ends the worker with ``pthread_exit`` inside a C++ destructor and the
+process aborts: "terminate called without an active exception", SIGABRT, after
+all its work is done (pytorch/pytorch#179291). Core dumps of such aborts show
+``~AsyncAllreduceWork`` -> ``TensorImpl::decref_pyobject`` -> ``take_gil`` ->
+``PyThread_exit_thread`` while the main thread sits in ``Py_FinalizeEx``.
+``destroy_process_group`` does not prevent it: gloo has no shutdown, and its
+threads live as long as any Python object still holds the group.
+
+So a process autoep owns (a rank of ``autoep train``, a worker of
+:func:`autoep.launch.run_local`) is *armed* once its group is destroyed on a
+success path: at exit, after the other exit handlers, it flushes its output and
+leaves with ``os._exit``, skipping finalization and with it the race. The exit
+status is the process's own: 0 for a worker that returned, the CLI's code for
+``autoep`` (:func:`exit_with`).
+
+A script autoep does not own (transformers' Trainer, TRL, accelerate under
+torchrun) opts in by ending with :func:`shutdown`, where it would otherwise call
+``destroy_process_group``.
+
+The exit handler is registered when autoep is imported, so it runs after the
+handlers of everything imported later (torch, transformers, datasets,
+tempfile's cleanups: atexit runs handlers last-in, first-out); of the few
+registered before it, logging's flush is done here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+from typing import NoReturn
+
+_armed_code: int | None = None
+
+
+def end_process_group(exit_code: int = 0) -> None:
+    """Destroy the default process group (and its subgroups), then arm the plain exit with ``exit_code``.
+
+    Only for processes autoep started or runs to the end: the caller must have
+    nothing left to do but return and let the interpreter exit.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _arm(exit_code)
+
+
+def shutdown(exit_code: int = 0) -> NoReturn:
+    """End this script's distributed run: destroy the process group and exit with ``exit_code``.
+
+    Call it last, in place of ``dist.destroy_process_group()``: ``SystemExit``
+    unwinds the script (``finally`` blocks run), the exit handlers run, and the
+    process then leaves without interpreter finalization, so a gloo worker
+    thread finishing its last release cannot abort it (see the module doc).
+    """
+    end_process_group(exit_code)
+    raise SystemExit(exit_code)
+
+
+def exit_with(code: int) -> int:
+    """The end of a command: an armed process will leave with ``code``; returns ``code`` for ``sys.exit``."""
+    if _armed_code is not None:
+        _arm(code)
+    return code
+
+
+def is_armed() -> bool:
+    return _armed_code is not None
+
+
+def _arm(code: int) -> None:
+    global _armed_code
+    _armed_code = code
+
+
+@atexit.register
+def _exit_if_armed() -> None:
+    """Leave without interpreter finalization once this process's group is gone (see the module doc)."""
+    if _armed_code is None:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe: nothing more can be written anyway
+            pass
+    os._exit(_armed_code)
