@@ -11,7 +11,10 @@ and an all-gather of the runs exchanges the parameters their owners updated
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default: large enough for few collectives, small enough to overlap
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,26 @@ def runs(numels: list[int], parts: int) -> BucketLayout:
         flags.append(owner * region + filled[owner])
         filled[owner] += 1
     return BucketLayout(offsets, flags, owners, region, parts)
+
+
+def cut_buckets(nbytes: Sequence[int], kinds: Sequence[Hashable], cap: int = BUCKET_BYTES) -> list[range]:
+    """Consecutive index ranges, in order, each of one kind (dtype) and closed once it holds ``cap`` bytes.
+
+    The reducer's buckets; the plan re-derives ownership with the same cut."""
+    cuts, start, size = [], 0, 0
+    for index, (n, kind) in enumerate(zip(nbytes, kinds, strict=True)):
+        if index > start and (size >= cap or kind != kinds[start]):
+            cuts.append(range(start, index))
+            start, size = index, 0
+        size += n
+    if len(nbytes) > start:
+        cuts.append(range(start, len(nbytes)))
+    return cuts
+
+
+def owners_by_bucket(numels: Sequence[int], nbytes: Sequence[int], kinds: Sequence[Hashable], parts: int) -> list[int]:
+    """Each parameter's owner under the reducer's buckets: :func:`split_runs` within each bucket."""
+    owners: list[int] = []
+    for cut in cut_buckets(nbytes, kinds):
+        owners += split_runs([numels[i] for i in cut], parts)
+    return owners

@@ -48,9 +48,7 @@ from torch import nn
 from torch.autograd import Variable
 from torch.distributed.tensor import DTensor
 
-from autoep.parallel.bucket_layout import BucketLayout, packed, runs
-
-BUCKET_BYTES = 25 * 2**20  # DDP's default: large enough for few collectives, small enough to overlap
+from autoep.parallel.bucket_layout import BUCKET_BYTES, BucketLayout, cut_buckets, packed, runs
 
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # newer name
 
@@ -225,16 +223,11 @@ class ReplicatedGradients:
 
     def _bucketize(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int) -> _Group:
         """Consecutive runs of one dtype, cut at ``bucket_bytes``."""
-        result, current, size = _Group(), [], 0
-        for param in params:
-            local = _local(param)
-            if current and (size >= bucket_bytes or local.dtype != _local(current[0]).dtype):
-                result.buckets.append(self._bucket(current, group))
-                current, size = [], 0
-            current.append(param)
-            size += local.numel() * local.element_size()
-        if current:
-            result.buckets.append(self._bucket(current, group))
+        locals_ = [_local(p) for p in params]
+        nbytes = [t.numel() * t.element_size() for t in locals_]
+        result = _Group()
+        for cut in cut_buckets(nbytes, [t.dtype for t in locals_], bucket_bytes):
+            result.buckets.append(self._bucket([params[i] for i in cut], group))
         for bucket in result.buckets:
             for index, param in enumerate(bucket.params):
                 self._where[param] = (result, bucket, index)
@@ -259,7 +252,8 @@ class ReplicatedGradients:
             self._begin_backward()
         group, bucket, index = self._where[param]
         if not bucket.arrived[index]:
-            bucket.allocate()
+            if bucket.missing == len(bucket.params):  # the bucket's first gradient of this backward
+                bucket.allocate()
             bucket.take(index, param)  # freed now, before the rest of backward runs
             self._start_ready(group)
             return

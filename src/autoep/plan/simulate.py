@@ -26,7 +26,7 @@ from autoep.config import AutoEPConfig
 from autoep.moe.dispatch import PlannedCounts, RoutingPlanner
 from autoep.moe.sites import moe_sites
 from autoep.optim import build_optimizer
-from autoep.parallel.bucket_layout import split_runs
+from autoep.parallel.bucket_layout import owners_by_bucket
 from autoep.parallel.clip import clip_grad_norm_
 from autoep.parallel.data_parallel import set_gradient_sync, uses_bucketed_replicas
 from autoep.parallel.materialize import materialize
@@ -121,16 +121,18 @@ def tracked_step(
 def _state_for_owned_only(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """ZeRO 1/2 with owned updates, simulated on FSDP's replicate mesh (:func:`autoep.parallelize.shard`):
     before each step drop the gradients of the parameters another rank owns, so that this rank's optimizer
-    state is its own share, as :mod:`autoep.parallel.ownership` does. The split is the same rule over
-    each reduce group's parameters (without the 25 MiB bucket cuts, which change it little); ZeRO 2's
-    gradients are left whole, so its plan errs high by ``(size - 1) / size`` of the gradients."""
+    state is its own share, as :mod:`autoep.parallel.ownership` does, with the reducer's buckets and split.
+    ZeRO 2's gradients are left whole, so its plan errs high by ``(size - 1) / size`` of the gradients."""
     state = model.autoep
     experts = {id(p) for _, site in moe_sites(model) for p in site.experts_module.parameters()}
     unowned = []
     for is_expert, mesh in ((False, state.meshes.dense_fsdp), (True, state.meshes.expert_fsdp)):
         params = [p for p in reversed(list(model.parameters())) if p.requires_grad and (id(p) in experts) == is_expert]
         size, rank = mesh.size(0), mesh.get_local_rank(0)
-        owners = split_runs([p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params], size)
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        owners = owners_by_bucket(
+            [t.numel() for t in local], [t.numel() * t.element_size() for t in local], [t.dtype for t in local], size
+        )
         unowned += [p for p, owner in zip(params, owners, strict=True) if owner != rank]
 
     def drop(*_: Any) -> None:
