@@ -3,7 +3,7 @@
 The abort (pytorch/pytorch#179291) needs a gloo worker thread to take the GIL after
 finalization began; it cannot be forced on demand, so these tests check the guarantee
 that rules it out: an armed process never reaches finalization (a finalizer's marker
-never appears), yet keeps its exit status, its exit handlers and its buffered output.
+never appears), yet keeps its exit status, its exit handlers, its buffered output and its unclosed files' contents.
 """
 
 from __future__ import annotations
@@ -44,11 +44,14 @@ def test_shutdown_leaves_before_finalization_with_status_handlers_and_output(tmp
         "atexit.register(print, 'exit handler ran')\n"
         "sys.stdout.write('buffered, no newline')\n"
         "Finalized('marker')\n"
+        "results = open('results.txt', 'w')\n"
+        "results.write('kept')  # never closed: finalization would flush it\n"
         "try:\n    autoep.shutdown(3)\nfinally:\n    print('finally ran', end='; ')\n",
     )
     assert done.returncode == 3, done.stderr
     assert done.stdout == "buffered, no newlinefinally ran; exit handler ran\n"
     assert not (tmp_path / "marker").exists()  # never finalized
+    assert (tmp_path / "results.txt").read_text() == "kept"
 
 
 def test_unarmed_process_finalizes_as_usual(tmp_path: Path) -> None:

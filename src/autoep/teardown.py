@@ -15,7 +15,7 @@ threads live as long as any Python object still holds the group.
 So a process autoep owns (a rank of ``autoep train``, a worker of
 :func:`autoep.launch.run_local`) is *armed* once its group is destroyed on a
 success path: at exit, after the other exit handlers, it flushes its output and
-leaves with ``os._exit``, skipping finalization and with it the race. The exit
+open files and leaves with ``os._exit``, skipping finalization and with it the race. The exit
 status is the process's own: 0 for a worker that returned, the CLI's code for
 ``autoep`` (:func:`exit_with`).
 
@@ -32,6 +32,8 @@ registered before it, logging's flush is done here.
 from __future__ import annotations
 
 import atexit
+import gc
+import io
 import logging
 import os
 import sys
@@ -87,9 +89,17 @@ def _exit_if_armed() -> None:
     if _armed_code is None:
         return
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed, or a broken pipe: nothing more can be written anyway
-            pass
+    _flush_open_files()
     os._exit(_armed_code)
+
+
+def _flush_open_files() -> None:
+    """Flush every open Python file object, as finalization would have when freeing them: with ``os._exit``
+    a script's unclosed log or results file would otherwise lose what it buffered."""
+    for obj in [*gc.get_objects(), sys.stdout, sys.stderr]:
+        if isinstance(obj, io.IOBase):
+            try:
+                if not obj.closed and obj.writable():
+                    obj.flush()
+            except (OSError, ValueError):  # a broken pipe, a detached buffer: nothing more can be written
+                pass
