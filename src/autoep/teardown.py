@@ -96,10 +96,11 @@ def _exit_if_armed() -> None:
 def _flush_open_files() -> None:
     """Flush every open Python file object, as finalization would have when freeing them: with ``os._exit``
     a script's unclosed log or results file would otherwise lose what it buffered."""
+    # type(obj), not isinstance: the latter reads obj.__class__, which some objects answer with a warning
+    # (torch.distributed.reduce_op prints a FutureWarning); nothing here may fail or print.
     for obj in [*gc.get_objects(), sys.stdout, sys.stderr]:
-        if isinstance(obj, io.IOBase):
-            try:
-                if not obj.closed and obj.writable():
-                    obj.flush()
-            except (OSError, ValueError):  # a broken pipe, a detached buffer: nothing more can be written
-                pass
+        try:
+            if issubclass(type(obj), io.IOBase) and not obj.closed and obj.writable():
+                obj.flush()
+        except Exception:  # a broken pipe, a detached buffer, an odd type: nothing more can be written there
+            pass
