@@ -74,10 +74,6 @@ def exit_with(code: int) -> int:
     return code
 
 
-def is_armed() -> bool:
-    return _armed_code is not None
-
-
 def _arm(code: int) -> None:
     global _armed_code
     _armed_code = code
