@@ -30,9 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT.parent / "shared" / "peer-bench"
 
 
-def _torchrun(python: str, script: Path, nproc: int, args: list[str], out: Path, extra_env: dict[str, str]) -> dict:
+def _torchrun(
+    python: str, script: Path, nproc: int, args: list[str], out: Path, extra_env: dict[str, str], *, wrap: bool
+) -> dict:
+    """``wrap``: run ``script`` through then_shutdown.py (autoep's side: no gloo exit-time abort)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
-    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), str(script), *args, "--out", str(out)]
+    wrapper = [str(ROOT / "benchmarks" / "then_shutdown.py")] if wrap else []
+    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *wrapper, str(script)]
+    cmd += [*args, "--out", str(out)]
     done = subprocess.run(cmd, cwd=PEER, env=env, capture_output=True, text=True)
     if not out.exists():
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -88,13 +93,13 @@ def main() -> None:
             for ep, zero in configs:
                 flags = ["--ep", str(ep), "--zero", str(zero), "--steps", str(args.steps)]
                 sides = [
-                    ("ds", args.ds_python, PEER / "ds_autoep_bench.py", {"DS_ACCELERATOR": "cpu"}),
-                    ("autoep", sys.executable, PEER / "autoep_bench.py", {}),
+                    ("ds", args.ds_python, PEER / "ds_autoep_bench.py", {"DS_ACCELERATOR": "cpu"}, False),
+                    ("autoep", sys.executable, PEER / "autoep_bench.py", {}, True),
                 ]
                 results = {}
-                for name, python, script, env in sides if repeat % 2 == 0 else sides[::-1]:
+                for name, python, script, env, wrap in sides if repeat % 2 == 0 else sides[::-1]:
                     out = Path(tmp) / f"{name}-{ep}-{zero}-{repeat}.json"
-                    results[name] = _torchrun(python, script, args.nproc, flags, out, env)
+                    results[name] = _torchrun(python, script, args.nproc, flags, out, env, wrap=wrap)
                     runs[(ep, zero)][name].append(results[name]["median_step_ms"])
                 pairs = zip(results["ds"]["losses"], results["autoep"]["losses"], strict=True)
                 diff = max(abs(a - b) for a, b in pairs)
