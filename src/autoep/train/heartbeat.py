@@ -50,7 +50,11 @@ class Heartbeat:
         self._write()
 
     def _write(self) -> None:
-        self.file.write_text(f"{time.strftime('%H:%M:%S')} step {self.step}: {self.phase}\n")
+        # Written aside, then renamed over: a rank frozen or killed mid-write still leaves its last whole line
+        # (rewriting in place left an empty file when SIGSTOP landed between the truncation and the write).
+        staged = self.file.with_name(self.file.name + ".tmp")
+        staged.write_text(f"{time.strftime('%H:%M:%S')} step {self.step}: {self.phase}\n")
+        os.replace(staged, self.file)
 
 
 _HEARTBEAT = Heartbeat()
