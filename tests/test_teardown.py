@@ -9,9 +9,14 @@ never appears), yet keeps its exit status, its exit handlers, its buffered outpu
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from autoep.launch import run_local
 
@@ -63,21 +68,45 @@ def test_unarmed_process_finalizes_as_usual(tmp_path: Path) -> None:
     assert (tmp_path / "marker").read_text() == "finalized"
 
 
-def _worker_leaving_garbage(marker_dir: str) -> int:
+def _worker_leaving_garbage(marker_dir: str) -> tuple[int, torch.Tensor]:
     import torch.distributed as dist
 
     namespace: dict = {}
     exec(FINALIZER, namespace)
     rank = dist.get_rank()
     namespace["Finalized"](os.path.join(marker_dir, f"rank{rank}"))
-    work = dist.all_reduce(__import__("torch").ones(4), async_op=True)
-    work.wait()
-    return rank
+    total = torch.ones(4)
+    dist.all_reduce(total, async_op=True).wait()
+    return rank, total
 
 
 def test_run_local_workers_leave_before_finalization(tmp_path: Path) -> None:
-    assert run_local(_worker_leaving_garbage, 2, str(tmp_path)) == {0: 0, 1: 1}
+    """...and their results, tensors included, still arrive after the workers are gone."""
+    results = run_local(_worker_leaving_garbage, 2, str(tmp_path))
+    assert sorted(results) == [0, 1] and all(results[r][0] == r for r in results)
+    assert all(torch.equal(results[r][1], torch.full((4,), 2.0)) for r in results)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _worker_returning_a_lambda() -> object:
+    return lambda: None
+
+
+def test_a_result_that_cannot_be_pickled_fails_the_run() -> None:
+    """It fails inside the worker, before the exit is armed with status 0 (armed first, the launcher waits
+    forever for a result that never comes: the alarm turns that into a failure)."""
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("run_local never returned")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(ChildFailedError):
+            run_local(_worker_returning_a_lambda, 2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_cli_rank_under_torchrun_keeps_its_exit_status(tmp_path: Path) -> None:

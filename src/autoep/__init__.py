@@ -1,7 +1,7 @@
 """autoep: automatic expert parallelism for Hugging Face MoE models on PyTorch's own distributed stack."""
 
 # First, so that its exit handler runs after those of everything autoep imports (see autoep.teardown).
-from autoep import teardown  # noqa: F401  isort: skip
+from autoep.teardown import shutdown  # isort: skip
 from autoep.checkpoint import (
     CheckpointState,
     export_checkpoint,
@@ -19,7 +19,6 @@ from autoep.optim import build_optimizer
 from autoep.parallel.clip import clip_grad_norm_
 from autoep.parallelize import parallelize
 from autoep.plan import plan
-from autoep.teardown import shutdown
 
 __version__ = "0.1.0"
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,9 +55,12 @@ def _worker(fn: Callable[..., Any], backend: str, args: tuple[Any, ...]) -> Any:
     dist.init_process_group(backend, timeout=collective_timeout())
     # No teardown when fn raises: a peer may be gone, and destroying the group can wait for it forever.
     result = fn(*args)
-    ForkingPickler.dumps(result)  # torch elastic sends it back pickled: fail here, before the exit is armed
+    # Pickled here, into bytes that own their data (no shared-memory handles that die with this process):
+    # a result that cannot be pickled fails before the exit is armed, and torch elastic sends the bytes
+    # back as they are, with no second walk over the result.
+    payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
     end_process_group()  # and leave without the exit-time gloo abort (autoep.teardown)
-    return result
+    return payload
 
 
 COLLECTIVE_TIMEOUT_ENV = "AUTOEP_COLLECTIVE_TIMEOUT"
@@ -188,6 +191,7 @@ def run_local(
     )
     try:
         with _fresh_store_per_attempt(max_restarts > 0 or config.max_nodes > 1):
-            return elastic_launch(config, _worker)(fn, backend or default_backend(), args)
+            payloads = elastic_launch(config, _worker)(fn, backend or default_backend(), args)
     except (RendezvousTimeoutError, RendezvousConnectionError, dist.DistStoreError, dist.DistNetworkError) as err:
         raise _rendezvous_failed(err, config, rdzv_timeout) from None
+    return {rank: pickle.loads(payload) for rank, payload in payloads.items()}

@@ -11,8 +11,10 @@ and an all-gather of the runs exchanges the parameters their owners updated
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default: large enough for few collectives, small enough to overlap
 
@@ -69,24 +71,25 @@ def runs(numels: list[int], parts: int) -> BucketLayout:
     return BucketLayout(offsets, flags, owners, region, parts)
 
 
-def cut_buckets(nbytes: Sequence[int], kinds: Sequence[Hashable], cap: int = BUCKET_BYTES) -> list[range]:
-    """Consecutive index ranges, in order, each of one kind (dtype) and closed once it holds ``cap`` bytes.
+def cut_buckets(tensors: Sequence[torch.Tensor], cap: int = BUCKET_BYTES) -> list[range]:
+    """Consecutive index ranges of ``tensors`` (local shards), in order, each of one dtype and closed once it
+    holds ``cap`` bytes.
 
     The reducer's buckets; the plan re-derives ownership with the same cut."""
     cuts, start, size = [], 0, 0
-    for index, (n, kind) in enumerate(zip(nbytes, kinds, strict=True)):
-        if index > start and (size >= cap or kind != kinds[start]):
+    for index, tensor in enumerate(tensors):
+        if index > start and (size >= cap or tensor.dtype != tensors[start].dtype):
             cuts.append(range(start, index))
             start, size = index, 0
-        size += n
-    if len(nbytes) > start:
-        cuts.append(range(start, len(nbytes)))
+        size += tensor.numel() * tensor.element_size()
+    if len(tensors) > start:
+        cuts.append(range(start, len(tensors)))
     return cuts
 
 
-def owners_by_bucket(numels: Sequence[int], nbytes: Sequence[int], kinds: Sequence[Hashable], parts: int) -> list[int]:
-    """Each parameter's owner under the reducer's buckets: :func:`split_runs` within each bucket."""
+def owners_by_bucket(tensors: Sequence[torch.Tensor], parts: int, cap: int = BUCKET_BYTES) -> list[int]:
+    """Each tensor's owner under the reducer's buckets: :func:`split_runs` within each bucket."""
     owners: list[int] = []
-    for cut in cut_buckets(nbytes, kinds):
-        owners += split_runs([numels[i] for i in cut], parts)
+    for cut in cut_buckets(tensors, cap):
+        owners += split_runs([tensors[i].numel() for i in cut], parts)
     return owners

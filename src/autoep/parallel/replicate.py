@@ -223,10 +223,8 @@ class ReplicatedGradients:
 
     def _bucketize(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int) -> _Group:
         """Consecutive runs of one dtype, cut at ``bucket_bytes``."""
-        locals_ = [_local(p) for p in params]
-        nbytes = [t.numel() * t.element_size() for t in locals_]
         result = _Group()
-        for cut in cut_buckets(nbytes, [t.dtype for t in locals_], bucket_bytes):
+        for cut in cut_buckets([_local(p) for p in params], bucket_bytes):
             result.buckets.append(self._bucket([params[i] for i in cut], group))
         for bucket in result.buckets:
             for index, param in enumerate(bucket.params):

@@ -129,10 +129,7 @@ def _state_for_owned_only(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     for is_expert, mesh in ((False, state.meshes.dense_fsdp), (True, state.meshes.expert_fsdp)):
         params = [p for p in reversed(list(model.parameters())) if p.requires_grad and (id(p) in experts) == is_expert]
         size, rank = mesh.size(0), mesh.get_local_rank(0)
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-        owners = owners_by_bucket(
-            [t.numel() for t in local], [t.numel() * t.element_size() for t in local], [t.dtype for t in local], size
-        )
+        owners = owners_by_bucket([p.to_local() if isinstance(p, DTensor) else p for p in params], size)
         unowned += [p for p, owner in zip(params, owners, strict=True) if owner != rank]
 
     def drop(*_: Any) -> None:
