@@ -1,7 +1,7 @@
 """Adapters for the Hugging Face MoE families autoep converts on the block path.
 
 Each reads its routing rule from the model's own config, mirroring the
-family's router code in transformers 5.
+family's router code in transformers 5, down to the dtype of its gate's logits.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def _softmax_router(always_normalise: bool = False):
             top_k=config.num_experts_per_tok,
             scoring="softmax",
             norm_topk_prob=always_normalise or bool(getattr(config, "norm_topk_prob", False)),
+            logits_dtype="input",
         )
 
     return build
@@ -57,7 +58,11 @@ def _sigmoid_grouped_router(config: Any, num_experts: int) -> RouterConfig:
 
 def _gpt_oss_router(config: Any, num_experts: int) -> RouterConfig:
     return RouterConfig(
-        num_experts=num_experts, top_k=config.num_experts_per_tok, scoring="topk_softmax", router_bias=True
+        num_experts=num_experts,
+        top_k=config.num_experts_per_tok,
+        scoring="topk_softmax",
+        router_bias=True,
+        logits_dtype="input",
     )
 
 
@@ -71,7 +76,9 @@ def _no_jitter(config: Any) -> float:
 
 def _llama4_router(config: Any, num_experts: int) -> RouterConfig:
     """``Llama4Router``: top-k on the raw logits, sigmoid of each chosen logit, no normalisation."""
-    return RouterConfig(num_experts=num_experts, top_k=config.num_experts_per_tok, scoring="topk_sigmoid")
+    return RouterConfig(
+        num_experts=num_experts, top_k=config.num_experts_per_tok, scoring="topk_sigmoid", logits_dtype="input"
+    )
 
 
 def _transposed_swiglu(experts: Any, config: Any) -> ExpertLayout:
@@ -89,6 +96,7 @@ def _dbrx_router(config: Any, num_experts: int) -> RouterConfig:
         scoring="softmax",
         norm_topk_prob=p is not None,
         norm_p=None if p is None else float(p),
+        logits_dtype="input",  # DBRX also takes its softmax in that dtype; autoep's is fp32
     )
 
 

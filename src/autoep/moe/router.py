@@ -1,7 +1,10 @@
 """Top-k router covering the scoring rules of the supported HF families.
 
-Scores are computed in fp32 whatever the activation dtype, so routing
-decisions do not flip between bf16 and fp32 runs of the same weights.
+The gate's logits are computed in the dtype the family's own router uses
+(``RouterConfig.logits_dtype``): a bf16 Mixtral or Qwen3-MoE computes them in
+bf16 and an equal logit pair then ties, exactly as in transformers, while
+DeepSeek-V3 computes them in fp32. Scores, selection and combine weights are
+fp32 from there on.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ Scoring = Literal["softmax", "sigmoid", "topk_softmax", "topk_sigmoid"]
 SIGMOID_SCORINGS = ("sigmoid", "topk_sigmoid")
 """Scorings whose per-expert probabilities are sigmoids (for the balancing losses and the ``probs`` drop policy)."""
 GroupScore = Literal["max", "top2_sum"]
+LogitsDtype = Literal["float32", "input"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,13 @@ class RouterConfig:
         added to any family when aux-loss-free balancing is on.
     routed_scaling_factor:
         Multiplies the final combine weights.
+    logits_dtype:
+        ``float32``: the gate runs on fp32 casts of its input and weight
+        (DeepSeek, GLM-4-MoE, LongCat). ``input``: in the activation dtype, as
+        ``F.linear(hidden_states, weight)`` does in Mixtral, Qwen, OLMoE,
+        GPT-OSS, Llama 4 and DBRX; the logits are cast to fp32 afterwards. The
+        two differ only below fp32, where a bf16 logit pair that rounds equal
+        ties, and the tie must break as the family's own router breaks it.
     """
 
     num_experts: int
@@ -59,6 +70,7 @@ class RouterConfig:
     router_bias: bool = False
     norm_eps: float = 0.0
     norm_p: float | None = None
+    logits_dtype: LogitsDtype = "float32"
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
@@ -122,8 +134,9 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config
         linear = self.gate_linear
-        bias = linear.bias.float() if cfg.router_bias else None
-        logits_TE = F.linear(x_TD.float(), linear.weight.float(), bias)
+        dtype = torch.float32 if cfg.logits_dtype == "float32" else x_TD.dtype
+        bias = linear.bias.to(dtype) if cfg.router_bias else None
+        logits_TE = F.linear(x_TD.to(dtype), linear.weight.to(dtype), bias).float()
         if cfg.scoring in ("topk_softmax", "topk_sigmoid"):
             with torch.no_grad():
                 bias_E = self.e_score_correction_bias
