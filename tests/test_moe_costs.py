@@ -3,6 +3,10 @@
 * ep 2 on two gloo ranks (one spawn): one host sync in forward (the split-size
   exchange), none in backward; all-to-all rows equal the lower bound (each
   token sent once per distinct destination rank, in dispatch and in combine).
+* ep 1, dropless: no host sync at all (every choice is an assignment, and
+  counting per expert is a scatter-add, not CUDA's host-sized ``bincount``).
+* A whole training step at ep 1 reads the device once: its losses and
+  gradient norm together.
 * One process: recomputing the experts' activation in backward gives the same
   outputs and gradients bit for bit and keeps fewer bytes for backward.
 """
@@ -91,6 +95,34 @@ def test_all_to_all_sends_each_token_once_per_destination_rank(ep2, path):
     counts_exchange = len(ep2) * 2 * 2 * 8  # per rank: rows and assignments for each of 2 peers, int64
     assert forward == bound + counts_exchange
     assert backward == bound
+
+
+@pytest.mark.parametrize("name", list(MODELS.values()))
+def test_no_host_sync_at_ep_1(name):
+    model = _build(name)
+    autoep.convert(model, ep_size=1)
+    block, _ = _block(model)
+    x = torch.randn(1, 64, model.config.get_text_config().hidden_size, requires_grad=True)
+    with HostSyncCounter() as fwd_syncs:
+        out = block(x)
+    out = out[0] if isinstance(out, tuple) else out
+    with HostSyncCounter() as bwd_syncs:
+        out.sum().backward()
+    assert (fwd_syncs.total, bwd_syncs.total) == (0, 0), (fwd_syncs.counts, bwd_syncs.counts)
+
+
+def test_a_training_step_reads_the_device_once():
+    from autoep.train import train_step
+
+    model = build_tiny_model("tiny-mixtral")
+    autoep.convert(model, ep_size=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as autoep.build_optimizer makes it
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    train_step(model, optimizer, [ids, ids], max_grad_norm=1.0)
+    with HostSyncCounter() as syncs:
+        result = train_step(model, optimizer, [ids, ids], max_grad_norm=1.0)  # 2 micro-batches, clipping on
+    assert dict(syncs.counts) == {"tolist": 1}
+    assert result.loss > 0 and result.grad_norm > 0
 
 
 @pytest.mark.parametrize("name", list(MODELS.values()))

@@ -131,13 +131,13 @@ def collect_load_stats(model: nn.Module, group: dist.ProcessGroup | None = None)
     if not layers:
         return None
     E = max(layer.num_experts for _, layer in layers)
-    rows = torch.stack([_padded_row(layer, E) for _, layer in layers])
+    device = local_device() if dist.is_initialized() else torch.device("cpu")
+    rows = torch.stack([_padded_row(layer, E).to(device) for _, layer in layers])
     for _, layer in layers:
         layer.load_stats.reset()
     if dist.is_initialized():
-        rows = rows.to(local_device())
         dist.all_reduce(rows, group=group)
-        rows = rows.cpu()
+    rows = rows.cpu()  # one read for the whole model
     micro_batches = rows[:, -1].clamp(min=1)
     enabled = set(layers[0][1].balance.enabled_losses) | {"aux_loss", "z_loss"}
     losses = {name: rows[:, 2 * E + i] / micro_batches for i, name in enumerate(bal.LOSS_NAMES) if name in enabled}
@@ -149,7 +149,7 @@ def _padded_row(layer: MoESite, num_experts: int) -> torch.Tensor:
     row, E = layer.load_stats.as_row(), layer.num_experts
     if E == num_experts:
         return row
-    pad = torch.zeros(num_experts - E, dtype=row.dtype)
+    pad = row.new_zeros(num_experts - E)
     return torch.cat([row[:E], pad, row[E : 2 * E], pad, row[2 * E :]])
 
 

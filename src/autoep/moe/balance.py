@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from pydantic import ConfigDict
 
+from autoep.moe.grouping import count_ids
+
 BiasRule = Literal["sign", "sign_centered"]
 DropPolicy = Literal["probs", "position"]
 LOSS_NAMES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
@@ -102,10 +104,7 @@ def routing_probs(logits_TE: torch.Tensor, scoring: str) -> torch.Tensor:
 
 def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Assignments per expert (int64 ``[E]``); ids >= E (dropped) are not counted."""
-    # scatter_add instead of a boolean mask: no data-dependent shape, so it also runs on fake tensors (autoep.plan).
-    flat = indices_TK.reshape(-1).clamp(max=num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))[:num_experts]
+    return count_ids(indices_TK, num_experts)
 
 
 def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from autoep.moe.balance import DropPolicy
+from autoep.moe.grouping import count_ids
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -39,7 +40,7 @@ def keep_mask(
     order = torch.argsort(-key_TK.reshape(-1), stable=True)
     order = order[torch.argsort(flat_expert[order], stable=True)]
     sorted_expert = flat_expert[order]
-    counts_E = torch.bincount(sorted_expert, minlength=num_experts)
+    counts_E = count_ids(sorted_expert, num_experts + 1)  # + the sentinel id E of zero-expert choices
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
     rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E[sorted_expert]
     keep = torch.empty_like(flat_expert, dtype=torch.bool)
@@ -63,7 +64,7 @@ def apply_capacity(
     T, K = indices_TK.shape
     capacity = expert_capacity(T, K, num_experts, capacity_factor)
     keep_TK = keep_mask(indices_TK, priority_TK, num_experts, capacity, policy)
-    dropped_E = torch.bincount(indices_TK[~keep_TK], minlength=num_experts)
+    dropped_E = count_ids(torch.where(keep_TK, num_experts, indices_TK), num_experts)
     indices_TK = torch.where(keep_TK, indices_TK, num_experts)
     weights_TK = torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK))
     return indices_TK, weights_TK, dropped_E

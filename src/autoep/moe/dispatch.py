@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from autoep.moe.grouping import sum_rows
+from autoep.moe.grouping import count_ids, sum_rows
 from autoep.moe.row_message import RowLayout
 from autoep.parallel.all_to_all import all_to_all_rows, exchange_counts, wait_rows
 
@@ -110,6 +110,14 @@ class Dispatcher:
 
     def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return self.finish_combine(self.start_combine(y_ND, state))
+
+
+def assignments_known(state: DispatchState, local_NK: torch.Tensor, all_routed: bool) -> int | None:
+    """How many valid (row, choice) pairs ``local_NK`` holds, when the host knows without reading it back:
+    from the counts exchange (ep > 1), or at ep = 1 with every choice routed, all of them."""
+    if state.num_assignments is not None:
+        return state.num_assignments
+    return local_NK.numel() if all_routed and state.token_N is None else None
 
 
 class LocalDispatcher(Dispatcher):
@@ -194,7 +202,7 @@ class AllToAllDispatcher(Dispatcher):
             hit_TR.scatter_(1, rank_TK, True)
             hit_TR = hit_TR[:, :R]
             # Per peer: rows (one per token that has a choice there) and assignments (choices there).
-            send_R2 = torch.stack([hit_TR.sum(dim=0), torch.bincount(rank_TK.flatten(), minlength=R + 1)[:R]], 1)
+            send_R2 = torch.stack([hit_TR.sum(dim=0), count_ids(rank_TK, R)], 1)
             recv_R2 = exchange_counts(send_R2, self.group)
             counts = torch.cat([send_R2[:, 0], recv_R2.flatten()]).tolist()  # the forward's one host sync
             send_counts, recv_counts, num_assignments = counts[:R], counts[R::2], sum(counts[R + 1 :: 2])

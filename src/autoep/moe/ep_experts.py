@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autoep.moe import balance as bal
 from autoep.moe.capacity import apply_capacity
-from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher
+from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher, assignments_known
 from autoep.moe.experts import GemmBackend, act_and_down, grouped_matmul, grouped_mm_supported, local_tensor
 from autoep.moe.grouping import combine_rows, group_by_expert
 from autoep.moe.load_stats import LayerLoadStats
@@ -143,18 +143,24 @@ class ExpertsSite:
         self.balance_losses = {}
         if experts.training:
             self._balance(logits_TE, routed_TK, dropped_E)
-        out_TD = self._routed(experts, x_TD, weights_TK, indices_TK)
+        out_TD = self._routed(experts, x_TD, weights_TK, indices_TK, all_routed=dropped_E is None)
         return out_TD.reshape(hidden_states.shape).to(hidden_states.dtype)
 
     def _routed(
-        self, experts: nn.Module, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
+        self,
+        experts: nn.Module,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        indices_TK: torch.Tensor,
+        all_routed: bool,
     ) -> torch.Tensor:
         group = self.fold_group
         if group is not None:
             T = x_TD.shape[0]
             x_TD, weights_TK, indices_TK = (take_lane_rows(t, group) for t in (x_TD, weights_TK, indices_TK))
         x_ND, local_NK, weights_NK, state = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK)
-        y_ND = self._local_experts(experts, x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
+        num_assignments = assignments_known(state, local_NK, all_routed)
+        y_ND = self._local_experts(experts, x_ND, local_NK, weights_NK, state.expert_rows, num_assignments)
         out_TD = self.dispatcher.combine(y_ND, state)
         return out_TD if group is None else gather_lane_rows(out_TD, T, group)
 

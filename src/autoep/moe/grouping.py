@@ -33,6 +33,16 @@ class Assignments:
         return self.planned_counts if self.planned_counts is not None else self.counts_E.tolist()
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How many of ``ids`` equal each of ``0 .. n-1`` (int64 ``[n]``); ids >= n are not counted.
+
+    A scatter-add, not ``bincount``: CUDA's ``bincount`` reads the ids' maximum back to the host to size its
+    output (a sync per call), and a fixed output shape also runs on fake tensors (``autoep.plan``)."""
+    flat = ids.reshape(-1).clamp(max=n)
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))[:n]
+
+
 @torch.no_grad()
 def group_by_expert(
     local_NK: torch.Tensor,
@@ -56,7 +66,7 @@ def group_by_expert(
     expert_A = local_NK[row_A, slot_A]
     order_A = torch.argsort(expert_A, stable=True)
     row_A, slot_A, expert_A = row_A[order_A], slot_A[order_A], expert_A[order_A]
-    counts_E = torch.bincount(expert_A, minlength=num_local_experts)
+    counts_E = count_ids(expert_A, num_local_experts)
     return Assignments(row_A, slot_A, expert_A, counts_E)
 
 

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autoep.moe import balance as bal
 from autoep.moe.capacity import apply_capacity
-from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher, Pending
+from autoep.moe.dispatch import AllToAllDispatcher, LocalDispatcher, Pending, assignments_known
 from autoep.moe.experts import GemmBackend, GroupedExperts
 from autoep.moe.grouping import combine_rows, group_by_expert, sum_rows
 from autoep.moe.load_stats import LayerLoadStats
@@ -180,18 +180,23 @@ class MoELayer(nn.Module):
         if self.training:
             self._balance(routed, shape, dropped_E)
         shared_TD = self._shared_experts(x_TD)
-        return self._finish_routed(pending, x_TD), shared_TD
+        return self._finish_routed(pending, x_TD, self._all_routed(dropped_E)), shared_TD
 
     def _sequential(self, x_TD, weights_TK, indices_TK, routed, shape, dropped_E):
         if self.training:
             self._balance(routed, shape, dropped_E)
         pending = self.dispatcher.start_dispatch(*self._lane(x_TD, weights_TK, indices_TK))
-        return self._finish_routed(pending, x_TD), self._shared_experts(x_TD)
+        return self._finish_routed(pending, x_TD, self._all_routed(dropped_E)), self._shared_experts(x_TD)
 
-    def _finish_routed(self, pending: Pending, x_TD: torch.Tensor) -> torch.Tensor:
+    def _all_routed(self, dropped_E: torch.Tensor | None) -> bool:
+        """Whether every (token, choice) goes to a routed expert: no capacity drops, no zero experts."""
+        return dropped_E is None and not self.spec.zero_experts
+
+    def _finish_routed(self, pending: Pending, x_TD: torch.Tensor, all_routed: bool) -> torch.Tensor:
         """Wait for the token exchange, run the local experts, combine (and gather the tp lanes back)."""
         x_ND, local_NK, weights_NK, state = self.dispatcher.finish_dispatch(pending)
-        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows, state.num_assignments)
+        num_assignments = assignments_known(state, local_NK, all_routed)
+        y_ND = self._apply_local_experts(x_ND, local_NK, weights_NK, state.expert_rows, num_assignments)
         return self._unlane(self.dispatcher.combine(y_ND, state), x_TD)
 
     def _lane(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -51,13 +51,14 @@ class LayerLoadStats:
         single all-reduce.
         """
         E = self.num_experts
-        row = torch.zeros(2 * E + len(loss_names) + 1, dtype=torch.float64)
+        device = self.routed_E.device if self.routed_E is not None else None  # built where the counts are
+        row = torch.zeros(2 * E + len(loss_names) + 1, dtype=torch.float64, device=device)
         if self.routed_E is not None:
-            row[:E] = self.routed_E.to("cpu", torch.float64)
+            row[:E] = self.routed_E
         if self.dropped_E is not None:
-            row[E : 2 * E] = self.dropped_E.to("cpu", torch.float64)
+            row[E : 2 * E] = self.dropped_E
         for i, name in enumerate(loss_names):
             if name in self.loss_sums:
-                row[2 * E + i] = self.loss_sums[name].cpu()
+                row[2 * E + i] = self.loss_sums[name]
         row[-1] = self.micro_batches
         return row

@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 from autoep.moe.experts import local_tensor
+from autoep.parallel.groups import local_device
 from autoep.parallel.replicate import grad_split
 
 
@@ -36,6 +37,11 @@ def _replication(t: torch.Tensor) -> int:
     return world
 
 
+def _zero_device() -> torch.device:
+    """Where a rank holding no gradients keeps its zero for the all-reduce (NCCL cannot reduce a CPU one)."""
+    return local_device() if dist.is_initialized() else torch.device("cpu")
+
+
 @torch.no_grad()
 def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     """L2 norm of all gradients as if the model were in one process (fp32).
@@ -43,7 +49,7 @@ def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     A gradient that ZeRO 2's reduce-scatter left on its owner only (:func:`grad_split`) is held by that
     many times fewer ranks than its parameter."""
     with_grads = [p for p in parameters if p.grad is not None]
-    device = local_tensor(with_grads[0].grad).device if with_grads else torch.device("cpu")
+    device = local_tensor(with_grads[0].grad).device if with_grads else _zero_device()
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for param in with_grads:
         grad = param.grad

@@ -32,6 +32,7 @@ _SYNC_OPS = {
     "aten._unique2.default",
     "aten.unique_dim.default",
     "aten.unique_consecutive.default",
+    "aten.bincount.default",  # sizes its output from the ids' maximum: a read-back on CUDA (not on CPU)
 }
 
 

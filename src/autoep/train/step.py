@@ -97,7 +97,7 @@ def train_step(
     If the loss or the global gradient norm is NaN/Inf (the same verdict on every
     rank: both are all-reduced), no update is applied and ``skipped`` is set.
     """
-    totals = torch.zeros(2, dtype=torch.float32)  # objective, balancing part
+    totals: torch.Tensor | None = None  # objective, balancing part; on the device until the step's one read
     count = len(micro_batches)
     fields = [_fields(micro) for micro in micro_batches]
     # Plain token tensors are full rows: every label counts and every rank's batch has the same shape,
@@ -122,25 +122,25 @@ def train_step(
         output = model(input_ids=input_ids, labels=labels, **kwargs)
         mark(f"backward of micro-batch {index + 1}/{count}")
         (output.loss / count).backward()
-        totals[0] += output.loss.detach().float().cpu()
-        if output.get("balance_loss") is not None:
-            totals[1] += output["balance_loss"].float().cpu()
+        loss_part = output.loss.detach().float()
+        balance_part = output.get("balance_loss")
+        part = torch.stack([loss_part, loss_part.new_zeros(()) if balance_part is None else balance_part.float()])
+        totals = part if totals is None else totals + part
     set_gradient_sync(model, True)
     mark("global gradient norm")
     norm = global_grad_norm(model.parameters())
-    means = totals / count
+    means = totals.to(norm.device) / count
     if dist.is_initialized():
-        means = means.to(norm.device)
         dist.all_reduce(means)
-        means = means.cpu() / dist.get_world_size()
-    loss, balance = means.tolist()
+        means = means / dist.get_world_size()
+    loss, balance, norm_value = torch.cat([means, norm.reshape(1).float()]).tolist()  # the step's host sync
     state = getattr(model, "autoep", None)  # set by autoep.parallelize
     stats_group = state.meshes.stats_group if state is not None else None
-    if not is_finite(loss, float(norm)):
+    if not is_finite(loss, norm_value):
         modules = nonfinite_modules(model)
         optimizer.zero_grad(set_to_none=True)
         load = collect_load_stats(model, stats_group)  # reset the step's counts; no bias update
-        return StepResult(loss, float(norm), loss - balance, load, skipped=True, nonfinite=modules)
+        return StepResult(loss, norm_value, loss - balance, load, skipped=True, nonfinite=modules)
     if max_grad_norm:
         clip_grad_norm_(model, max_grad_norm, norm=norm)
     mark("optimizer step")
@@ -148,4 +148,4 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     mark("load-balancing statistics")
     load = step_load_balancing(model, stats_group)
-    return StepResult(loss=loss, grad_norm=float(norm), lm_loss=loss - balance, load=load)
+    return StepResult(loss=loss, grad_norm=norm_value, lm_loss=loss - balance, load=load)
