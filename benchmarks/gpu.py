@@ -18,7 +18,7 @@
 * ``step``: a Qwen3-MoE-style model of about 1B parameters (ep = world, ZeRO 1,
   bf16), tokens/s and MFU = 6 x active parameters x tokens/s / (world x peak).
 
-``--device cpu --tiny`` runs every part at toy sizes on CPU (gloo, fp32): the
+``--device cpu --tiny`` runs every part at toy sizes on CPU (gloo): the
 test suite does, so this script keeps working until a GPU runs it. Quote
 ratios and MFU, not absolute times. docs/training.md says how to run it on a
 lent GPU machine.
@@ -218,11 +218,13 @@ def step(args: argparse.Namespace) -> None:
     total = sum(p.numel() for p in model.parameters())
     expert_params = 3 * config.moe_intermediate_size * config.hidden_size * config.num_experts
     active = total - config.num_hidden_layers * expert_params * (1 - config.num_experts_per_tok / config.num_experts)
-    fields = {"ep_size": world, "zero_stage": 1, "micro_batch_size": args.micro_batch}
-    bf16 = args.device == "cuda"
-    if bf16:
-        fields["mixed_precision"] = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
-    autoep_config = autoep.AutoEPConfig(**fields)
+    autoep_config = autoep.AutoEPConfig(
+        ep_size=world,
+        zero_stage=1,
+        micro_batch_size=args.micro_batch,
+        # bf16 in the CPU smoke run too: the same FSDP2 mixed-precision path as on a GPU
+        mixed_precision={"param_dtype": "bfloat16", "reduce_dtype": "float32"},
+    )
     autoep.parallelize(model, autoep_config)
     optimizer = autoep.build_optimizer(model, autoep_config)
     seq_len = 32 if args.tiny else args.seq_len
@@ -240,7 +242,7 @@ def step(args: argparse.Namespace) -> None:
     if rank == 0:
         print(
             f"~{total / 1e9:.3g}B parameters ({active / 1e9:.3g}B active), ep {world}, ZeRO 1, "
-            f"{'bf16' if bf16 else 'fp32'}, {args.micro_batch}x{seq_len} tokens per rank: "
+            f"bf16, {args.micro_batch}x{seq_len} tokens per rank: "
             f"step {seconds * 1e3:.0f} ms, {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%} "
             f"(peak {args.peak_tflops} TFLOP/s per device); loss {losses[0]:.3f} -> {losses[-1]:.3f}"
         )

@@ -29,7 +29,7 @@ def test_every_part_runs_on_two_ranks_and_the_checks_pass() -> None:
     assert any("default vs loop | grouped_mm vs loop |" in line for line in checks)  # the two paths really differ
     assert "| 65,536 |" in out  # an all-to-all row
     step = next(line for line in out.splitlines() if line.startswith("~"))
-    assert "ep 2, ZeRO 1" in step
+    assert "ep 2, ZeRO 1, bf16" in step
     first, last = (float(x) for x in step.rsplit("loss ", 1)[1].split(" -> "))
     assert last < first  # it trained
 
