@@ -6,10 +6,11 @@
     torchrun --nproc-per-node 8 benchmarks/gpu.py alltoall          # all GPUs of a node
     torchrun --nproc-per-node 8 benchmarks/gpu.py step --peak-tflops 989
 
-* ``check``: each built-in tiny family, unconverted vs converted (ep 1) on the
-  device, forward and backward, in fp32 (the experts' per-expert loop) and bf16
-  (the grouped GEMM on Hopper): the same comparison as ``autoep verify``. Exits
-  1 if any fails, since the timings below would then mean nothing.
+* ``check``: four built-in tiny families on the device, forward and backward:
+  in fp32, converted (ep 1; the experts' per-expert loop on CUDA) vs the HF
+  model, as ``autoep verify`` compares them; in bf16, the converted model's
+  grouped GEMM vs its per-expert loop. Exits 1 if any fails, since the timings
+  below would then mean nothing.
 * ``gemm``: bf16 grouped GEMM (``torch.nn.functional.grouped_mm``, the kernel
   autoep's experts use) against one dense GEMM of the same FLOPs, TFLOP/s of
   each and their ratio, for expert shapes of Mixtral / Qwen3-MoE / DeepSeek-V3.
