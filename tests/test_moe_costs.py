@@ -21,6 +21,7 @@ import autoep
 from autoep.launch import run_local
 from autoep.models import zoo
 from autoep.models.tiny import build_tiny_model
+from autoep.moe.balance import BalanceConfig
 from autoep.moe.row_message import RowLayout
 from autoep.moe.sites import moe_sites
 from autoep.report.costs import CollectiveCounter, HostSyncCounter, SavedBytes
@@ -73,6 +74,14 @@ def _ep2_costs() -> dict:
                 2 * rows * hidden_size * width + rows * (layout.columns - hidden_size) * width,
             ),
         }
+    # The global aux loss all-reduces counts and token totals in forward: no read-back of the total.
+    model = _build("tiny-mixtral")
+    autoep.convert(model, ep_size=2, balance=BalanceConfig(global_aux_loss_coef=0.01))
+    block, _ = _block(model)
+    block.train()
+    with HostSyncCounter() as syncs:
+        block(torch.randn(1, 64, model.config.hidden_size))
+    results["global aux loss"] = (syncs.total, dict(syncs.counts), sorted(block.balance_losses))
     return results
 
 
@@ -86,6 +95,12 @@ def test_one_host_sync_in_forward_none_in_backward(ep2, path):
     for rank in ep2.values():
         forward, backward, kinds = rank[path]["syncs"]
         assert (forward, backward) == (1, 0), kinds
+
+
+def test_the_global_aux_loss_adds_no_host_sync(ep2):
+    for rank in ep2.values():
+        total, kinds, losses = rank["global aux loss"]
+        assert "global_aux_loss" in losses and total == 1, kinds
 
 
 @pytest.mark.parametrize("path", list(MODELS))

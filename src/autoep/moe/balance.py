@@ -107,14 +107,20 @@ def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return count_ids(indices_TK, num_experts)
 
 
-def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+def switch_aux_loss(
+    probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int | torch.Tensor, top_k: int
+) -> torch.Tensor:
     """``Σ_e f_e · P_e`` with ``f_e = E·count_e/(K·num_tokens)`` and ``P_e`` the mean of ``probs_TE``.
 
     ``counts_E``/``num_tokens`` may come from more tokens than ``probs_TE`` holds
-    (the global variant: counts summed over ranks).
+    (the global variant: counts summed over ranks, the token total left on the device as a tensor).
     """
     num_experts = probs_TE.shape[-1]
-    f_E = counts_E.to(probs_TE.dtype) * (num_experts / (top_k * max(num_tokens, 1)))
+    if isinstance(num_tokens, torch.Tensor):  # in float64, as Python computes the int case: the same scale
+        scale = num_experts / (top_k * num_tokens.clamp(min=1).double())
+    else:
+        scale = num_experts / (top_k * max(num_tokens, 1))
+    f_E = counts_E.to(probs_TE.dtype) * scale
     return (f_E * probs_TE.mean(dim=0)).sum()
 
 
@@ -175,10 +181,10 @@ def measure_losses(
 @torch.no_grad()
 def _global_counts(
     counts_E: torch.Tensor, num_tokens: int, group: dist.ProcessGroup | None
-) -> tuple[torch.Tensor, int]:
-    """Counts and token total summed over the data-parallel group (one all-reduce)."""
+) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """Counts and token total summed over the data-parallel group (one all-reduce, no read-back)."""
     if not dist.is_initialized():
         return counts_E, num_tokens
     packed = torch.cat([counts_E, counts_E.new_tensor([num_tokens])])
     dist.all_reduce(packed, group=group)
-    return packed[:-1], int(packed[-1])
+    return packed[:-1], packed[-1]
