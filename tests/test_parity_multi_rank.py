@@ -115,6 +115,24 @@ def _global_state_dict(name: str, ep: int) -> dict[str, float]:
     return {"same_shapes": same_shapes, "max_diff": worst}
 
 
+def _bf16_model_with_fp32_routers() -> dict:
+    """A bf16 DeepSeek-V3 keeps HF's fp32 router weights; ZeRO 3 gives them FSDP units of their own (FSDP2
+    needs one dtype per unit), ZeRO 1 buckets them apart: both train, to the same losses."""
+    from autoep.models.loading import load_model
+    from autoep.train import train_step
+
+    result = {}
+    for zero in (1, 3):
+        model = load_model("tiny-deepseek-v3", dtype=torch.bfloat16, seed=3)
+        config = autoep.AutoEPConfig(ep_size=2, zero_stage=zero)
+        autoep.parallelize(model, config)
+        optimizer = autoep.build_optimizer(model, config)
+        ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(dist.get_rank()))
+        gates = {str(local_tensor(p).dtype) for n, p in model.named_parameters() if n.endswith("gate.weight")}
+        result[zero] = ([train_step(model, optimizer, [ids]).loss for _ in range(3)], sorted(gates))
+    return result
+
+
 def _world_worker(scenarios: list[tuple]) -> dict:
     results = {}
     for label, fn, args, kwargs in scenarios:
@@ -131,6 +149,7 @@ WORLD2 = [
     ("skewed", "_compare", ("tiny-deepseek-v3", 2), {"skew": True}),
     ("zero-tokens", "_zero_token_rank", ("tiny-qwen3-moe", 2), {}),
     ("global-state", "_global_state_dict", ("tiny-gpt-oss", 2), {}),
+    ("bf16-fp32-routers", "_bf16_model_with_fp32_routers", (), {}),
 ]
 
 WORLD4 = [
@@ -192,3 +211,10 @@ def test_rank_that_brings_zero_tokens(world2) -> None:
     assert results[1]["tokens"] == 0 and results[0]["tokens"] > 0
     for r in results.values():
         assert r["out"] <= TOL and r["x_grad"] <= TOL and r["expert_grad"] <= TOL, r
+
+
+def test_a_bf16_model_with_fp32_routers_trains_under_zero_1_and_3(world2) -> None:
+    for per_rank in world2.values():
+        (losses1, gates1), (losses3, gates3) = per_rank["bf16-fp32-routers"][1], per_rank["bf16-fp32-routers"][3]
+        assert gates1 == gates3 == ["torch.float32"]
+        assert losses1 == losses3 and losses1[-1] < losses1[0], (losses1, losses3)

@@ -295,12 +295,26 @@ def _copy_router(router: nn.Module, source: nn.Module) -> None:
     """
     source_state = source.state_dict()
     for name, tensor in router.state_dict(keep_vars=True).items():
-        if name in source_state:
+        if name in source_state and source_state[name].dtype != tensor.dtype:
+            _replace_tensor(router, name, source_state[name])
+        elif name in source_state:
             tensor.copy_(source_state[name])
         elif name == "e_score_correction_bias":
             tensor.zero_()
         else:
             raise UnsupportedModelError(f"{type(source).__name__} has no {name!r} for autoep's router to take")
+
+
+def _replace_tensor(module: nn.Module, name: str, source: torch.Tensor) -> None:
+    """Put a copy of ``source`` at ``name``, in its own dtype: a DeepSeek router keeps its fp32 weight in a
+    bf16 model, and rounding it to bf16 would route tokens differently from the family's own router."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(source.detach().clone(), requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = source.detach().clone()
 
 
 @torch.no_grad()

@@ -5,6 +5,13 @@ batch, and compares every MoE layer's output and its parameters' gradients.
 With ep > 1 an expert's gradient in the converted model gathers the tokens of
 every rank of its EP group, so the reference expert gradients are summed over
 that group before the owner's slice is compared.
+
+Below fp32 a rounding difference upstream (the expert combine rounds in
+another order than the family's own) can flip a near-tie routing choice in a
+later layer, and that token then differs by a whole expert's output: a FAIL
+that says nothing about the conversion. So in bf16 each converted router is
+handed the values of the reference block's input, while gradients still flow
+through the converted model's own; routing itself is compared exactly in fp32.
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from autoep.convert import convert, find_convertible_blocks
+from autoep.moe.ep_experts import ExpertsSite
 from autoep.moe.experts import local_tensor
+from autoep.moe.layer import MoELayer
 from autoep.moe.sites import moe_sites, owned_rows
+
+LOW_PRECISION = ("bfloat16", "float16")
 
 
 @dataclass
@@ -76,6 +87,47 @@ def _capture_outputs(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Ten
     return captured, handles
 
 
+def _router(converted: nn.Module, path: str) -> nn.Module | None:
+    """The module that routes the converted block at ``path``: autoep's router, or the family's own."""
+    block = converted.get_submodule(path)
+    if isinstance(block, MoELayer):
+        return block.router_module
+    site = next((site for site_path, site in moe_sites(converted) if site_path == path), None)
+    if isinstance(site, ExpertsSite) and site.spec.router_name is not None:
+        return block.get_submodule(site.spec.router_name)
+    return None
+
+
+def _route_as_reference(reference: nn.Module, converted: nn.Module, paths: list[str]) -> list:
+    """Hand each converted router the values of the reference block's input (the reference runs first).
+
+    ``x + (ref - x).detach()``, in fp32 where both bf16 values and their difference are exact: the value is
+    the reference's, the gradient flows to the converted model's own input as before."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for path in paths:
+        router = _router(converted, path)
+        if router is None:
+            continue
+
+        def capture(_mod, args, kwargs, path=path):
+            inputs[path] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        def substitute(_mod, args, kwargs, path=path):
+            x = args[0] if args else kwargs["hidden_states"]
+            ref = inputs.get(path)
+            if ref is None or ref.numel() != x.numel():
+                return None
+            forced = (x.float() + (ref.reshape(x.shape).float() - x.float()).detach()).to(x.dtype)
+            if args:
+                return (forced, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": forced}
+
+        handles.append(reference.get_submodule(path).register_forward_pre_hook(capture, with_kwargs=True))
+        handles.append(router.register_forward_pre_hook(substitute, with_kwargs=True))
+    return handles
+
+
 def _max_abs(t: torch.Tensor) -> float:
     return t.abs().max().item() if t.numel() else 0.0
 
@@ -95,6 +147,8 @@ def compare_models(
     paths = [path for path, _, _ in find_convertible_blocks(reference)[0]]
     ref_out, ref_handles = _capture_outputs({p: reference.get_submodule(p) for p in paths})
     conv_out, conv_handles = _capture_outputs({p: converted.get_submodule(p) for p in paths})
+    if report.dtype in LOW_PRECISION:
+        conv_handles += _route_as_reference(reference, converted, paths)
     ref_result = reference(input_ids=input_ids, labels=input_ids)
     conv_result = converted(input_ids=input_ids, labels=input_ids)
     ref_result.loss.backward()

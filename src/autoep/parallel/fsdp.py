@@ -14,6 +14,7 @@ gradient divide factor ``dp``.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -47,6 +48,32 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def odd_dtype_modules(unit: nn.Module, ignored: set[nn.Parameter]) -> list[nn.Module]:
+    """Submodules of ``unit`` whose own trainable parameters are not in the unit's main dtype (most elements).
+
+    FSDP2 needs one dtype per unit, and HF keeps some tensors in fp32 in a bf16 model (DeepSeek's and
+    GLM-4-MoE's router weight): such modules become units of their own. Modules already sharded are skipped."""
+    own: list[tuple[nn.Module, list[nn.Parameter]]] = []
+
+    def visit(module: nn.Module) -> None:
+        if module is not unit and isinstance(module, FSDPModule):
+            return
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad and p not in ignored]
+        own.append((module, params))
+        for child in module.children():
+            visit(child)
+
+    visit(unit)
+    sizes: dict[torch.dtype, int] = {}
+    for _, params in own:
+        for param in params:
+            sizes[param.dtype] = sizes.get(param.dtype, 0) + param.numel()
+    if len(sizes) < 2:
+        return []
+    main = max(sizes, key=sizes.__getitem__)
+    return [m for m, params in own if m is not unit and params and all(p.dtype != main for p in params)]
+
+
 def _shard_group_size(mesh: DeviceMesh) -> int:
     return mesh.size(-1)
 
@@ -76,8 +103,14 @@ def apply_fsdp(model: nn.Module, config: AutoEPConfig, dims: ParallelDims, meshe
         fully_shard(experts, mesh=meshes.expert_fsdp, **common)
         _configure_reduction(experts, meshes.expert_fsdp, dims.dp)
     for block in decoder_layers(model):
+        for odd in odd_dtype_modules(block, ignored):
+            fully_shard(odd, mesh=meshes.dense_fsdp, **common)
+            _configure_reduction(odd, meshes.dense_fsdp, dims.dp)
         fully_shard(block, mesh=meshes.dense_fsdp, **common)
         _configure_reduction(block, meshes.dense_fsdp, dims.dp)
+    for odd in odd_dtype_modules(model, ignored):
+        fully_shard(odd, mesh=meshes.dense_fsdp, **common)
+        _configure_reduction(odd, meshes.dense_fsdp, dims.dp)
     fully_shard(model, mesh=meshes.dense_fsdp, **{**common, "reshard_after_forward": False})
     _configure_reduction(model, meshes.dense_fsdp, dims.dp)
     return model
