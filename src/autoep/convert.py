@@ -310,11 +310,11 @@ def _replace_tensor(module: nn.Module, name: str, source: torch.Tensor) -> None:
     bf16 model, and rounding it to bf16 would route tokens differently from the family's own router."""
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
-    if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(source.detach().clone(), requires_grad=old.requires_grad)
+    old = getattr(owner, leaf)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, leaf, nn.Parameter(source.detach().clone(), requires_grad=old.requires_grad))
     else:
-        owner._buffers[leaf] = source.detach().clone()
+        owner.register_buffer(leaf, source.detach().clone())
 
 
 @torch.no_grad()

@@ -131,8 +131,7 @@ def collect_load_stats(model: nn.Module, group: dist.ProcessGroup | None = None)
     if not layers:
         return None
     E = max(layer.num_experts for _, layer in layers)
-    device = local_device() if dist.is_initialized() else torch.device("cpu")
-    rows = torch.stack([_padded_row(layer, E).to(device) for _, layer in layers])
+    rows = torch.stack([_padded_row(layer, E).to(local_device()) for _, layer in layers])
     for _, layer in layers:
         layer.load_stats.reset()
     if dist.is_initialized():

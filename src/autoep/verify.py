@@ -87,12 +87,10 @@ def _capture_outputs(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Ten
     return captured, handles
 
 
-def _router(converted: nn.Module, path: str) -> nn.Module | None:
-    """The module that routes the converted block at ``path``: autoep's router, or the family's own."""
-    block = converted.get_submodule(path)
-    if isinstance(block, MoELayer):
-        return block.router_module
-    site = next((site for site_path, site in moe_sites(converted) if site_path == path), None)
+def _router(block: nn.Module, site: object) -> nn.Module | None:
+    """The module that routes a converted block: autoep's router, or the family's own."""
+    if isinstance(site, MoELayer):
+        return site.router_module
     if isinstance(site, ExpertsSite) and site.spec.router_name is not None:
         return block.get_submodule(site.spec.router_name)
     return None
@@ -105,8 +103,9 @@ def _route_as_reference(reference: nn.Module, converted: nn.Module, paths: list[
     the reference's, the gradient flows to the converted model's own input as before."""
     inputs: dict[str, torch.Tensor] = {}
     handles = []
+    sites = dict(moe_sites(converted))
     for path in paths:
-        router = _router(converted, path)
+        router = _router(converted.get_submodule(path), sites.get(path))
         if router is None:
             continue
 

@@ -37,11 +37,6 @@ def _replication(t: torch.Tensor) -> int:
     return world
 
 
-def _zero_device() -> torch.device:
-    """Where a rank holding no gradients keeps its zero for the all-reduce (NCCL cannot reduce a CPU one)."""
-    return local_device() if dist.is_initialized() else torch.device("cpu")
-
-
 @torch.no_grad()
 def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     """L2 norm of all gradients as if the model were in one process (fp32).
@@ -49,7 +44,7 @@ def global_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     A gradient that ZeRO 2's reduce-scatter left on its owner only (:func:`grad_split`) is held by that
     many times fewer ranks than its parameter."""
     with_grads = [p for p in parameters if p.grad is not None]
-    device = local_tensor(with_grads[0].grad).device if with_grads else _zero_device()
+    device = local_tensor(with_grads[0].grad).device if with_grads else local_device()  # NCCL cannot reduce a CPU zero
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for param in with_grads:
         grad = param.grad

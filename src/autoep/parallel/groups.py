@@ -23,8 +23,8 @@ def mesh_device_type() -> str:
 
 
 def local_device() -> torch.device:
-    """This rank's device: its GPU under NCCL, else the CPU."""
-    if mesh_device_type() == "cuda":
+    """This rank's device: its GPU under NCCL, else the CPU (also with no process group)."""
+    if dist.is_initialized() and mesh_device_type() == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
